@@ -1,0 +1,107 @@
+"""Typed configuration, decoded strictly from TOML (``ktrdr-run.toml``) by msgspec.
+
+Library code reads settings only from here; :func:`load_config` is the one place that
+looks at the environment (the config path, ``${VAR}`` substitution, XDG directories).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from dispatcher.errors import ConfigError
+from dispatcher.images import ImagesConfig
+
+CONFIG_ENV = "KTRDR_RUN_CONFIG"
+DEFAULT_CONFIG_NAME = "ktrdr-run.toml"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class NatsConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Where NATS is, and whether to start one when nothing answers there."""
+
+    url: str = "nats://127.0.0.1:4222"
+    embedded: bool = True
+    embedded_sync: Literal["always", "default"] = "default"
+    runner_url: str = ""
+    connect_timeout_s: Annotated[float, Meta(gt=0)] = 2.0
+    store_dir: str = ""
+    events_max_age_s: Annotated[float, Meta(gt=0)] = 14 * 86_400.0
+    dedupe_window_s: Annotated[float, Meta(gt=0)] = 600.0
+
+
+class DockerConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """The local Docker engine ("" = the environment's default socket)."""
+
+    url: str = ""
+    timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+
+
+class DispatcherConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """How the dispatcher runs ops."""
+
+    dispatcher_id: str = ""
+    max_concurrent_ops: Annotated[int, Meta(ge=0)] = 0
+    cancel_grace_s: Annotated[float, Meta(gt=0)] = 10.0
+    ack_wait_s: Annotated[float, Meta(ge=5)] = 30.0
+    heartbeat_s: Annotated[float, Meta(gt=0)] = 5.0
+    progress_record_interval_s: Annotated[float, Meta(ge=0)] = 1.0
+    log_tail_lines: Annotated[int, Meta(ge=0, le=10_000)] = 50
+    pids_limit: Annotated[int, Meta(ge=16)] = 512
+    scratch_mb: Annotated[int, Meta(ge=16)] = 1024
+    data_dir: str = ""
+    result_deadline_s: Annotated[float, Meta(gt=0)] = 60.0
+
+
+class Config(Struct, frozen=True, forbid_unknown_fields=True):
+    """All of ktrdr-run's configuration."""
+
+    state_dir: str = ""
+    nats: NatsConfig = NatsConfig()
+    docker: DockerConfig = DockerConfig()
+    dispatcher: DispatcherConfig = DispatcherConfig()
+    images: ImagesConfig = ImagesConfig()
+
+    def state_path(self) -> Path:
+        """The directory for local state (embedded NATS store, caches)."""
+        return Path(self.state_dir).expanduser()
+
+
+def _substitute(text: str, env: dict[str, str], source: str) -> str:
+    def repl(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ConfigError(f"{source}: ${{{name}}} is referenced but not set in the environment")
+        return env[name]
+
+    return _ENV_REF.sub(repl, text)
+
+
+def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load the config from ``path``, $KTRDR_RUN_CONFIG or ./ktrdr-run.toml; defaults if none.
+
+    Unknown keys and bad values raise ConfigError naming the key and the problem.
+    """
+    env = dict(os.environ) if env is None else env
+    explicit = path is not None or CONFIG_ENV in env
+    path = path or Path(env.get(CONFIG_ENV, DEFAULT_CONFIG_NAME))
+    config = Config()
+    if path.exists():
+        try:
+            text = _substitute(path.read_text(), env, str(path))
+            config = msgspec.toml.decode(text.encode(), type=Config)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"config file {path} does not exist")
+    if not config.state_dir:
+        state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "~")) / ".local/state")
+        config = msgspec.structs.replace(config, state_dir=str(Path(state_home) / "ktrdr-run"))
+    return config

@@ -1,0 +1,36 @@
+"""Errors of the dispatcher package: one root; Docker and NATS errors are translated into
+these at the edge, with a message a user can act on."""
+
+from __future__ import annotations
+
+
+class KtrdrError(Exception):
+    """Root of every error the dispatcher, CLI and discovery raise."""
+
+
+class ConfigError(KtrdrError):
+    """The configuration file is missing, malformed or has a bad value."""
+
+
+class DockerUnavailable(KtrdrError):
+    """No Docker engine answers where we looked."""
+
+
+class NatsUnavailable(KtrdrError):
+    """No NATS server answers and none could be started."""
+
+
+class PlacementError(KtrdrError):
+    """No host can ever run this op (e.g. it asks more than any host has)."""
+
+
+class InfrastructureError(KtrdrError):
+    """The engine refused or failed to run a container; retryable."""
+
+
+class OpNotFound(KtrdrError):
+    """No op record has this id."""
+
+    def __init__(self, op_id: str) -> None:
+        self.op_id = op_id
+        super().__init__(f"no op with id {op_id!r} (see `ktrdr-run ops list`)")

@@ -1,0 +1,214 @@
+"""A client session: NATS (existing, or embedded for the command's life), JetStream, and
+a dispatcher (existing, or in-process for the command's life).
+
+Used by the CLI; other Python code can use it the same way::
+
+    async with Session(load_config()) as session:
+        op_id = await session.submit(job)
+        async for event in session.follow(op_id):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import urlparse
+
+from nats.aio.client import Client as NATS
+from nats.js import api
+
+from dispatcher.config import Config
+from dispatcher.embedded import EmbeddedNats, is_local_url
+from dispatcher.errors import NatsUnavailable, OpNotFound
+from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.opstore import OpStore
+from runner.protocol import (
+    DISPATCHER_PING_SUBJECT,
+    TERMINAL_STATES,
+    CancelRequest,
+    DispatcherInfo,
+    Event,
+    Job,
+    OpRecord,
+    StatusEvent,
+    encode,
+    event_decoder,
+    job_subject,
+    msgspec,
+    now,
+    op_events_filter,
+    op_subject,
+)
+
+log = logging.getLogger("ktrdr.session")
+
+
+def submitter() -> str:
+    """Who is submitting: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+class Session:
+    """Connection to ktrdr-run's NATS, with an embedded server / dispatcher when needed."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        need_dispatcher: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.need_dispatcher = need_dispatcher
+        self._say = progress or (lambda _line: None)
+        self.nc: NATS | None = None
+        self.handles: JetStreamHandles | None = None
+        self.store: OpStore | None = None
+        self.embedded: EmbeddedNats | None = None
+        self._dispatcher: Any = None
+        self._dispatcher_task: asyncio.Task[None] | None = None
+        self._engine: Any = None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (or start NATS), bind JetStream, and make sure a dispatcher runs."""
+        cfg = self.config.nats
+        try:
+            self.nc = await connect(cfg.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s, retry=False)
+        except NatsUnavailable:
+            if not (cfg.embedded and is_local_url(cfg.url)):
+                raise
+            port = urlparse(cfg.url).port or 4222
+            store = Path(cfg.store_dir).expanduser() if cfg.store_dir else self.config.state_path() / "nats"
+            self._say(f"no NATS at {cfg.url}: starting an embedded nats-server (store {store})")
+            self.embedded = EmbeddedNats(store, port, sync_always=cfg.embedded_sync == "always")
+            await self.embedded.start()
+            self.nc = await connect(self.embedded.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s)
+        self.handles = await ensure_jetstream(self.nc, self.config, with_consumer=True)
+        self.store = OpStore(self.handles.ops, self.handles.js)
+        if self.need_dispatcher and not await self.dispatchers():
+            await self._start_dispatcher()
+
+    async def _start_dispatcher(self) -> None:
+        from dispatcher.engine import DockerEngine, connect_docker
+        from dispatcher.images import ensure_runner_image
+        from dispatcher.service import Dispatcher
+        from discovery.docker_engines import engine_host
+
+        assert self.nc is not None and self.handles is not None
+        docker_cfg = self.config.docker
+        client = await asyncio.to_thread(connect_docker, docker_cfg.url, timeout_s=docker_cfg.timeout_s)
+        host = await asyncio.to_thread(engine_host, client, docker_url=docker_cfg.url)
+        self._engine = DockerEngine(client, name=host.name)
+        say = self._say
+
+        def image() -> str:
+            return ensure_runner_image(client, config=self.config.images, progress=say)
+
+        await asyncio.to_thread(image)  # build before the first op, with visible progress
+        self._say("no dispatcher answering: running one in this process for this command")
+        self._dispatcher = Dispatcher(self.config, self.nc, self.handles, self._engine, host, image)
+        self._dispatcher_task = asyncio.create_task(self._dispatcher.run())
+
+    async def close(self) -> None:
+        """Stop what this session started; an in-process dispatcher finishes its ops first."""
+        if self._dispatcher is not None and self._dispatcher_task is not None:
+            self._dispatcher.stop()
+            with contextlib.suppress(Exception):
+                await self._dispatcher_task
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self._engine is not None:
+            self._engine.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def dispatchers(self, timeout_s: float = 0.3) -> list[DispatcherInfo]:
+        """Every dispatcher that answers a ping within ``timeout_s``."""
+        assert self.nc is not None
+        inbox = self.nc.new_inbox()
+        answers: list[DispatcherInfo] = []
+
+        async def collect(msg: Any) -> None:
+            with contextlib.suppress(msgspec.DecodeError):
+                answers.append(msgspec.json.decode(msg.data, type=DispatcherInfo))
+
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        await self.nc.publish(DISPATCHER_PING_SUBJECT, b"", reply=inbox)
+        await asyncio.sleep(timeout_s)
+        await sub.unsubscribe()
+        return answers
+
+    async def submit(self, job: Job) -> str:
+        """Publish a job (idempotent by job_id); returns the op id."""
+        assert self.handles is not None
+        ack = await self.handles.js.publish(
+            job_subject(job.kind), encode(job), headers={"Nats-Msg-Id": job.job_id}
+        )
+        if ack.duplicate:
+            log.info("job %s was already submitted; following the existing op", job.job_id)
+        return job.job_id
+
+    async def follow(self, op_id: str, *, until_terminal: bool = True) -> AsyncIterator[Event]:
+        """Every event of the op from its start, then live ones; ends after the terminal
+        status event when ``until_terminal``."""
+        assert self.handles is not None
+        sub = await self.handles.js.subscribe(
+            op_events_filter(op_id), ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
+        )
+        try:
+            async for msg in sub.messages:
+                try:
+                    event = event_decoder.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue
+                yield event
+                if until_terminal and isinstance(event, StatusEvent) and event.state in TERMINAL_STATES:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def record(self, op_id: str) -> OpRecord:
+        """The op's record; OpNotFound if there is none."""
+        assert self.store is not None
+        return (await self.store.get(op_id))[0]
+
+    async def records(self) -> list[OpRecord]:
+        """Every op record, newest first."""
+        assert self.store is not None
+        records = await self.store.list()
+        return sorted(records, key=lambda r: min(r.timestamps.values(), default=0.0), reverse=True)
+
+    async def cancel(self, op_id: str, reason: str = "", requested_by: str = "") -> OpRecord | None:
+        """Publish a cancel request; returns the record as it was (None if unknown)."""
+        assert self.handles is not None
+        try:
+            record = await self.record(op_id)
+        except OpNotFound:
+            record = None
+        request = CancelRequest(op_id=op_id, ts=now(), reason=reason, requested_by=requested_by or submitter())
+        await self.handles.js.publish(op_subject(op_id, "cancel"), encode(request))
+        return record

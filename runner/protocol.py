@@ -1,0 +1,372 @@
+"""The wire contract of ktrdr-run: every subject, stream, bucket and message struct.
+
+Everyone imports this module: the runner inside the container, the dispatcher, the CLI
+and the dashboard. Systems not written in Python read the JSON Schema that
+``ktrdr-run schema`` prints from it.
+
+Subjects::
+
+    ktrdr.jobs.<kind>            job messages (stream KTRDR_JOBS, work queue,
+                                 de-duplicated by the Nats-Msg-Id header = job_id)
+    ktrdr.ops.<op_id>.<event>    events of one op (stream KTRDR_EVENTS, replayable):
+                                 status, progress, log, result, error, cancel_ack,
+                                 heartbeat, and the cancel request itself (cancel)
+    ktrdr.rejected.<kind>        error events for job messages that carry no usable job_id
+    ktrdr.dispatchers.ping       core request/reply: every live dispatcher answers
+
+Rules: new fields always get defaults; decoders of events and records ignore unknown
+fields so older readers keep working; the job message forbids unknown fields so a typo
+in a hand-written job ("timeout" for "timeout_s") is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# --- names -----------------------------------------------------------------------------
+
+JOBS_STREAM: Final = "KTRDR_JOBS"
+EVENTS_STREAM: Final = "KTRDR_EVENTS"
+DEAD_LETTER_STREAM: Final = "KTRDR_DEAD"
+OPS_BUCKET: Final = "ktrdr_ops"
+HOSTS_BUCKET: Final = "ktrdr_hosts"
+ARTIFACTS_BUCKET: Final = "ktrdr_artifacts"
+DISPATCHER_CONSUMER: Final = "ktrdr-dispatcher"
+
+JOBS_SUBJECT_ROOT: Final = "ktrdr.jobs"
+OPS_SUBJECT_ROOT: Final = "ktrdr.ops"
+REJECTED_SUBJECT_ROOT: Final = "ktrdr.rejected"
+DEAD_LETTER_SUBJECT_ROOT: Final = "ktrdr.dead"
+DISPATCHER_PING_SUBJECT: Final = "ktrdr.dispatchers.ping"
+
+EVENT_KINDS: Final = (
+    "status",
+    "progress",
+    "log",
+    "result",
+    "error",
+    "cancel_ack",
+    "heartbeat",
+    "cancel",
+)
+
+# Container labels a restarted dispatcher uses to find its containers.
+LABEL_OP_ID: Final = "ktrdr.op_id"
+LABEL_KIND: Final = "ktrdr.kind"
+LABEL_DISPATCHER: Final = "ktrdr.dispatcher"
+
+# Environment variable that carries the RunnerSpec into the container.
+SPEC_ENV: Final = "KTRDR_SPEC"
+
+ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$"
+KIND_PATTERN: Final = r"^[a-z][a-z0-9_]{0,39}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def job_subject(kind: str) -> str:
+    """The subject a job of ``kind`` is published to."""
+    return f"{JOBS_SUBJECT_ROOT}.{kind}"
+
+
+def op_subject(op_id: str, event: str) -> str:
+    """The subject of one event kind of one op."""
+    return f"{OPS_SUBJECT_ROOT}.{op_id}.{event}"
+
+
+def op_events_filter(op_id: str) -> str:
+    """A subject filter matching every event of one op."""
+    return f"{OPS_SUBJECT_ROOT}.{op_id}.>"
+
+
+def rejected_subject(kind: str) -> str:
+    """Where error events go for jobs whose job_id is unusable (kind may be 'unknown')."""
+    token = kind if re.fullmatch(KIND_PATTERN, kind or "") else "unknown"
+    return f"{REJECTED_SUBJECT_ROOT}.{token}"
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` is usable as a job id / op id (a subject token and a KV key)."""
+    return bool(_ID_RE.match(value))
+
+
+def now() -> float:
+    """Wall-clock time as Unix seconds; every timestamp on the wire uses it."""
+    return time.time()
+
+
+# --- job message -----------------------------------------------------------------------
+
+GpuPolicy = Literal["required", "preferred", "never"]
+
+
+class Resources(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What an op asks of its host. A field left out (None) takes the kind's default;
+    in an op record every field is resolved."""
+
+    cpus: Annotated[float, Meta(gt=0, le=512)] | None = None
+    memory_gb: Annotated[float, Meta(gt=0, le=4096)] | None = None
+    gpus: Annotated[int, Meta(ge=0, le=64)] | None = None
+    gpu: GpuPolicy | None = None
+
+    def resolved(self, defaults: Resources) -> Resources:
+        """These resources with ``defaults`` filling what is left out."""
+        return Resources(
+            cpus=self.cpus if self.cpus is not None else (defaults.cpus or 1.0),
+            memory_gb=self.memory_gb if self.memory_gb is not None else (defaults.memory_gb or 1.0),
+            gpus=self.gpus if self.gpus is not None else (defaults.gpus or 0),
+            gpu=self.gpu or defaults.gpu or "never",
+        )
+
+
+class Job(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A job message, as published to ``ktrdr.jobs.<kind>``.
+
+    ``job_id`` is chosen by the client; it is the idempotency key (also sent as the
+    ``Nats-Msg-Id`` header) and becomes the op id.
+    """
+
+    job_id: Annotated[str, Meta(pattern=ID_PATTERN)]
+    kind: Annotated[str, Meta(pattern=KIND_PATTERN)]
+    params: dict[str, Any] = {}
+    resources: Resources = Resources()
+    timeout_s: Annotated[float, Meta(gt=0)] | None = None
+    labels: dict[str, str] = {}
+    submitted_by: str = ""
+
+
+# --- op record (KV ktrdr_ops, key = op id) ---------------------------------------------
+
+OpState = Literal[
+    "queued",
+    "placing",
+    "starting",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+    "timed_out",
+    "lost",
+]
+TERMINAL_STATES: Final[frozenset[str]] = frozenset({"completed", "failed", "cancelled", "timed_out"})
+ACTIVE_STATES: Final[frozenset[str]] = frozenset({"placing", "starting", "running"})
+
+
+class ProgressSnapshot(Struct, frozen=True):
+    """The last progress an op reported."""
+
+    percent: float = 0.0
+    step: str = ""
+    message: str = ""
+    metrics: dict[str, float] = {}
+    ts: float = 0.0
+
+
+class ErrorInfo(Struct, frozen=True):
+    """Why an op failed. ``reason`` is a stable code (invalid_job, op_error, exit_nonzero,
+    oom_killed, infrastructure, timeout); ``message`` is for people."""
+
+    reason: str
+    message: str
+    error_type: str = ""
+    field: str = ""
+    traceback: str = ""
+
+
+class CancelIntent(Struct, frozen=True):
+    """A durable request to cancel an op."""
+
+    requested_at: float
+    reason: str = ""
+    requested_by: str = ""
+    acked: bool = False
+    forced: bool = False
+
+
+class OpRecord(Struct, kw_only=True):
+    """The state of one op, updated only by compare-and-set on the KV revision."""
+
+    op_id: str
+    kind: str
+    state: OpState = "queued"
+    params: dict[str, Any] = {}
+    params_digest: str = ""
+    resources: Resources = Resources()
+    timeout_s: float | None = None
+    labels: dict[str, str] = {}
+    submitted_by: str = ""
+    host: str = ""
+    container_id: str = ""
+    image: str = ""
+    dispatcher: str = ""
+    attempts: int = 0
+    timestamps: dict[str, float] = {}
+    progress: ProgressSnapshot | None = None
+    result: dict[str, Any] | None = None
+    artifacts: dict[str, str] = {}
+    error: ErrorInfo | None = None
+    exit_code: int | None = None
+    log_tail: list[str] = []
+    cancel: CancelIntent | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the op has reached its one terminal state."""
+        return self.state in TERMINAL_STATES
+
+
+# --- events (ktrdr.ops.<op_id>.<event>) ------------------------------------------------
+
+
+class _Event(Struct, frozen=True, kw_only=True, tag_field="event"):
+    op_id: str
+    ts: float
+
+
+class StatusEvent(_Event, tag="status"):
+    """A state transition of the op record, published by the dispatcher."""
+
+    state: OpState
+    host: str = ""
+    container_id: str = ""
+    attempt: int = 0
+    message: str = ""
+
+
+class ProgressEvent(_Event, tag="progress"):
+    """Progress from the op: percent in [0, 100], a step name, free numeric metrics."""
+
+    percent: float
+    step: str = ""
+    message: str = ""
+    metrics: dict[str, float] = {}
+
+
+class LogEvent(_Event, tag="log"):
+    """One log line from the op (``source`` runner = the SDK, container = stdout/err)."""
+
+    message: str
+    level: str = "info"
+    source: str = "runner"
+
+
+class ResultEvent(_Event, tag="result"):
+    """The op's result; ``artifacts`` maps an artifact name to its object-store name."""
+
+    result: dict[str, Any]
+    artifacts: dict[str, str] = {}
+
+
+class ErrorEvent(_Event, tag="error"):
+    """An op failed or a job was rejected. ``field`` names the offending field, if any."""
+
+    reason: str
+    message: str
+    error_type: str = ""
+    field: str = ""
+    traceback: str = ""
+
+
+class CancelAckEvent(_Event, tag="cancel_ack"):
+    """The runner saw the cancel and is exiting."""
+
+    partial_saved: bool = False
+    message: str = ""
+
+
+class HeartbeatEvent(_Event, tag="heartbeat"):
+    """The runner is alive."""
+
+    uptime_s: float = 0.0
+
+
+class CancelRequest(_Event, tag="cancel"):
+    """A request to cancel an op; anyone may publish it to ``ktrdr.ops.<id>.cancel``."""
+
+    reason: str = ""
+    requested_by: str = ""
+
+
+Event = (
+    StatusEvent
+    | ProgressEvent
+    | LogEvent
+    | ResultEvent
+    | ErrorEvent
+    | CancelAckEvent
+    | HeartbeatEvent
+    | CancelRequest
+)
+
+# --- what the dispatcher hands the container -------------------------------------------
+
+
+class RunnerSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Everything the runner needs, passed as JSON in the KTRDR_SPEC environment variable."""
+
+    op_id: str
+    kind: str
+    params: dict[str, Any] = {}
+    nats_url: str = ""
+    attempt: int = 1
+    heartbeat_s: float = 5.0
+    progress_interval_s: float = 0.25
+    result_deadline_s: float = 60.0
+    host: str = ""
+
+
+class DispatcherInfo(Struct, frozen=True, omit_defaults=True):
+    """A dispatcher's answer to a ping."""
+
+    dispatcher_id: str
+    host: str = ""
+    running_ops: int = 0
+    started_at: float = 0.0
+
+
+# --- encoding helpers ------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+event_decoder: Final = msgspec.json.Decoder(Event)
+record_decoder: Final = msgspec.json.Decoder(OpRecord)
+job_decoder: Final = msgspec.json.Decoder(Job)
+spec_decoder: Final = msgspec.json.Decoder(RunnerSpec)
+
+
+def encode(value: Any) -> bytes:
+    """Encode any contract struct (or builtin value) as JSON bytes."""
+    return _encoder.encode(value)
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    """A stable sha256 digest of a params mapping (keys sorted)."""
+    canonical = msgspec.json.encode(params, order="sorted")
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of the job message, the events and the op record."""
+    (job, event, record, cancel), components = msgspec.json.schema_components(
+        [Job, Event, OpRecord, CancelRequest]
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ktrdr-run wire contract",
+        "subjects": {
+            "job": f"{JOBS_SUBJECT_ROOT}.<kind>  (header Nats-Msg-Id: <job_id>)",
+            "events": f"{OPS_SUBJECT_ROOT}.<op_id>.<event>  event in {list(EVENT_KINDS)}",
+            "cancel": f"{OPS_SUBJECT_ROOT}.<op_id>.cancel",
+            "rejected": f"{REJECTED_SUBJECT_ROOT}.<kind>",
+            "op_records": f"KV bucket {OPS_BUCKET}, key = op_id",
+        },
+        "job": job,
+        "event": event,
+        "op_record": record,
+        "cancel_request": cancel,
+        "$defs": components,
+    }

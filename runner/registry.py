@@ -1,0 +1,122 @@
+"""The registry of operation kinds.
+
+An operation is a plain function ``fn(ctx, params) -> dict`` declared with
+:func:`operation`. Declaring it validates its options at once (dramatiq style) and
+normalises it into a small frozen :class:`Operation`. The dispatcher imports this
+registry to validate params before any container starts, so operation modules must
+stay cheap to import: heavy libraries (torch) are imported inside the function.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from runner.errors import InvalidParams, KtrdrRunnerError, UnknownKind
+from runner.protocol import KIND_PATTERN, GpuPolicy, Resources
+
+if TYPE_CHECKING:
+    from runner.sdk import OpContext
+
+OpFunction = Callable[["OpContext", Any], dict[str, Any]]
+ParamsCheck = Callable[[Any], None]
+
+# Modules that declare the built-in operations, imported on first registry use.
+BUILTIN_MODULES: tuple[str, ...] = ("runner.ops.probe", "runner.ops.backtest")
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One registered operation kind."""
+
+    kind: str
+    fn: OpFunction
+    params_type: type[msgspec.Struct]
+    gpu: GpuPolicy
+    default_resources: Resources
+    description: str
+    check: ParamsCheck | None = None
+
+    def parse_params(self, params: dict[str, Any], *, strict: bool = True) -> msgspec.Struct:
+        """Validate ``params`` into the kind's params struct.
+
+        Raises InvalidParams naming the field and what is wrong. ``strict=False`` accepts
+        strings for numbers and booleans (what a command line produces).
+        """
+        try:
+            parsed = msgspec.convert(params, self.params_type, strict=strict)
+        except msgspec.ValidationError as exc:
+            raise InvalidParams.from_validation(self.kind, exc) from None
+        if self.check is not None:
+            self.check(parsed)
+        return parsed
+
+
+_REGISTRY: dict[str, Operation] = {}
+_loaded = False
+
+
+def operation(
+    kind: str,
+    *,
+    params: type[msgspec.Struct],
+    gpu: GpuPolicy = "never",
+    resources: Resources | None = None,
+    check: ParamsCheck | None = None,
+) -> Callable[[OpFunction], OpFunction]:
+    """Declare ``fn`` as the operation ``kind`` with params struct ``params``.
+
+    ``gpu`` is the kind's default GPU policy; ``check`` runs cross-field checks on the
+    parsed params and raises InvalidParams.
+    """
+    import re
+
+    if not re.fullmatch(KIND_PATTERN, kind):
+        raise KtrdrRunnerError(f"operation kind {kind!r} must match {KIND_PATTERN}")
+    if not (isinstance(params, type) and issubclass(params, msgspec.Struct)):
+        raise KtrdrRunnerError(f"operation {kind!r}: params must be a msgspec.Struct type")
+    if gpu not in ("required", "preferred", "never"):
+        raise KtrdrRunnerError(f"operation {kind!r}: gpu must be required|preferred|never")
+
+    def register(fn: OpFunction) -> OpFunction:
+        if kind in _REGISTRY and _REGISTRY[kind].fn is not fn:
+            raise KtrdrRunnerError(f"operation kind {kind!r} is declared twice")
+        _REGISTRY[kind] = Operation(
+            kind=kind,
+            fn=fn,
+            params_type=params,
+            gpu=gpu,
+            default_resources=resources or Resources(cpus=1.0, memory_gb=1.0, gpus=0),
+            description=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+            check=check,
+        )
+        return fn
+
+    return register
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def get(kind: str) -> Operation:
+    """The operation registered as ``kind``; UnknownKind lists the known ones."""
+    _load_builtins()
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise UnknownKind(kind, sorted(_REGISTRY)) from None
+
+
+def kinds() -> list[str]:
+    """Every registered kind, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)

@@ -1,0 +1,264 @@
+"""Runs one op inside the container and reports it over JetStream.
+
+The op runs on a compute thread. Progress and logs reach the event loop through
+thread-safe slots and are published at most every ``progress_interval_s`` (a plain NATS
+publish: the event stream captures it; progress may be thinned, never flood). The
+outcome (result, error, cancel_ack) is published with a JetStream acknowledgement and
+retried until ``result_deadline_s``, so a NATS outage does not lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from runner import registry
+from runner.errors import Cancelled, InvalidParams, KtrdrRunnerError, UnknownKind
+from runner.protocol import (
+    ARTIFACTS_BUCKET,
+    EVENTS_STREAM,
+    CancelAckEvent,
+    CancelRequest,
+    ErrorEvent,
+    HeartbeatEvent,
+    LogEvent,
+    ProgressEvent,
+    ProgressSnapshot,
+    ResultEvent,
+    RunnerSpec,
+    encode,
+    event_decoder,
+    now,
+    op_subject,
+)
+from runner.sdk import CancelToken, OpContext
+
+log = logging.getLogger("ktrdr.runner")
+
+EXIT_OK = 0
+EXIT_OP_ERROR = 1
+EXIT_BAD_SPEC = 2
+EXIT_CANCELLED = 130
+TRACEBACK_TAIL_CHARS = 4000
+LOG_QUEUE_MAX = 1000
+DATA_DIR = Path("/data")  # where the dispatcher mounts the data directory, read-only
+
+
+class NatsSink:
+    """The SDK sink inside a container: non-blocking slots drained by an asyncio task."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nc: NATS, js: JetStreamContext, spec: RunnerSpec):
+        self._loop = loop
+        self._nc = nc
+        self._js = js
+        self._spec = spec
+        self._lock = threading.Lock()
+        self._latest: ProgressSnapshot | None = None
+        self._logs: collections.deque[tuple[str, str]] = collections.deque(maxlen=LOG_QUEUE_MAX)
+        self._dropped_logs = 0
+        self._wake = asyncio.Event()
+        self._store: Any = None
+
+    # -- called from the compute thread --------------------------------------------------
+
+    def progress(self, snapshot: ProgressSnapshot) -> None:
+        with self._lock:
+            self._latest = snapshot
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    def log(self, level: str, message: str) -> None:
+        print(f"[{level}] {message}", file=sys.stderr, flush=True)
+        with self._lock:
+            if len(self._logs) == self._logs.maxlen:
+                self._dropped_logs += 1
+            self._logs.append((level, message))
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    def artifact(self, name: str, object_name: str, data: bytes, content_type: str) -> None:
+        future = asyncio.run_coroutine_threadsafe(self._put(object_name, data, name), self._loop)
+        future.result(timeout=self._spec.result_deadline_s)
+
+    # -- event loop side -----------------------------------------------------------------
+
+    async def _put(self, object_name: str, data: bytes, name: str) -> None:
+        if self._store is None:
+            self._store = await self._js.object_store(ARTIFACTS_BUCKET)
+        try:
+            await self._store.get_info(object_name)
+            return  # identical content is already stored
+        except NotFoundError:
+            pass
+        await self._store.put(object_name, data)
+        log.info("stored artifact %s as %s (%d bytes)", name, object_name, len(data))
+
+    async def pump(self) -> None:
+        """Publish progress and logs until cancelled; throttled to progress_interval_s."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+            await asyncio.sleep(self._spec.progress_interval_s)
+
+    async def flush(self) -> None:
+        """Publish whatever progress and logs are pending, now."""
+        with self._lock:
+            latest, self._latest = self._latest, None
+            logs = list(self._logs)
+            self._logs.clear()
+            dropped, self._dropped_logs = self._dropped_logs, 0
+        op_id = self._spec.op_id
+        try:
+            if dropped:
+                logs.insert(0, ("warning", f"{dropped} log lines dropped (log queue full)"))
+            for level, message in logs:
+                event = LogEvent(op_id=op_id, ts=now(), message=message, level=level)
+                await self._nc.publish(op_subject(op_id, "log"), encode(event))
+            if latest is not None:
+                event = ProgressEvent(
+                    op_id=op_id,
+                    ts=latest.ts,
+                    percent=latest.percent,
+                    step=latest.step,
+                    message=latest.message,
+                    metrics=latest.metrics,
+                )
+                await self._nc.publish(op_subject(op_id, "progress"), encode(event))
+        except Exception as exc:
+            log.warning("progress publish failed (%s); will retry with newer progress", exc)
+
+
+async def publish_acked(js: JetStreamContext, subject: str, payload: bytes, deadline: float) -> bool:
+    """Publish with a JetStream ack, retrying through outages until ``deadline``."""
+    delay_s = 0.2
+    while True:
+        try:
+            await js.publish(subject, payload, timeout=2.0)
+            return True
+        except Exception as exc:
+            if time.monotonic() >= deadline:
+                log.error("could not publish %s before the deadline: %s", subject, exc)
+                return False
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)
+
+
+async def connect(spec: RunnerSpec) -> NATS:
+    """Connect to the dispatcher's NATS; reconnects by itself for as long as the op lives."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    return await nats.connect(
+        spec.nats_url,
+        name=f"ktrdr-runner-{spec.op_id}",
+        connect_timeout=5,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        error_cb=on_error,
+    )
+
+
+async def run_op(spec: RunnerSpec) -> int:
+    """Run the op described by ``spec``; returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    token = CancelToken()
+    nc = await connect(spec)
+    js = nc.jetstream()
+    sink = NatsSink(loop, nc, js, spec)
+    op_id = spec.op_id
+
+    async def on_cancel(msg: Any) -> None:
+        try:
+            request = event_decoder.decode(msg.data)
+            reason = request.reason if isinstance(request, CancelRequest) else ""
+        except Exception:
+            reason = ""
+        token.cancel(reason or "cancel requested")
+
+    await nc.subscribe(op_subject(op_id, "cancel"), cb=on_cancel)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, token.cancel, f"signal {signal.Signals(signum).name}")
+    try:  # a cancel requested before we subscribed is still in the event stream
+        await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "cancel"))
+        token.cancel("cancel requested before start")
+    except Exception:
+        pass
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(spec.heartbeat_s)
+            event = HeartbeatEvent(op_id=op_id, ts=now(), uptime_s=time.monotonic() - started)
+            try:
+                await nc.publish(op_subject(op_id, "heartbeat"), encode(event))
+            except Exception:
+                pass
+
+    pump = asyncio.create_task(sink.pump())
+    beat = asyncio.create_task(heartbeat())
+    ctx = OpContext(
+        op_id=op_id,
+        kind=spec.kind,
+        sink=sink,
+        attempt=spec.attempt,
+        cancel_token=token,
+        data_dir=DATA_DIR if DATA_DIR.is_dir() else None,
+    )
+    outcome: tuple[str, bytes]
+    code = EXIT_OK
+    try:
+        op = registry.get(spec.kind)
+        params = op.parse_params(spec.params)
+        result = await asyncio.to_thread(op.fn, ctx, params)
+        if not isinstance(result, dict):
+            raise KtrdrRunnerError(f"operation {spec.kind!r} returned {type(result).__name__}, not a dict")
+        event: Any = ResultEvent(op_id=op_id, ts=now(), result=result, artifacts=ctx.artifacts)
+        outcome = (op_subject(op_id, "result"), encode(event))
+    except Cancelled as exc:
+        code = EXIT_CANCELLED
+        event = CancelAckEvent(op_id=op_id, ts=now(), partial_saved=ctx.partial_saved, message=str(exc))
+        outcome = (op_subject(op_id, "cancel_ack"), encode(event))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_OP_ERROR
+        event = ErrorEvent(
+            op_id=op_id, ts=now(), reason="exit_nonzero", message=f"operation exited with code {code}"
+        )
+        outcome = (op_subject(op_id, "error"), encode(event))
+    except BaseException as exc:
+        code = EXIT_OP_ERROR
+        event = ErrorEvent(
+            op_id=op_id,
+            ts=now(),
+            reason="invalid_job" if isinstance(exc, InvalidParams | UnknownKind) else "op_error",
+            message=str(exc) or type(exc).__name__,
+            error_type=type(exc).__name__,
+            field=getattr(exc, "field", "") or "",
+            traceback="".join(traceback.format_exception(exc))[-TRACEBACK_TAIL_CHARS:],
+        )
+        outcome = (op_subject(op_id, "error"), encode(event))
+        print(event.traceback, file=sys.stderr, flush=True)
+    pump.cancel()
+    beat.cancel()
+    await sink.flush()
+    deadline = time.monotonic() + spec.result_deadline_s
+    if not await publish_acked(js, outcome[0], outcome[1], deadline):
+        code = code or EXIT_OP_ERROR
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=5)
+    except Exception:
+        await nc.close()
+    return code

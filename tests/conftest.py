@@ -1,0 +1,151 @@
+"""Shared fixtures: a real nats-server with JetStream per test (random port, own store),
+the real Docker engine, the runner image, and an in-process dispatcher.
+
+Under CI=true a missing Docker engine or nats-server fails the test; elsewhere it skips.
+Every test that touches Docker is checked afterwards for containers left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import docker
+import msgspec
+import pytest
+
+from discovery.docker_engines import engine_host
+from dispatcher.config import Config, DispatcherConfig, NatsConfig
+from dispatcher.embedded import EmbeddedNats, free_port
+from dispatcher.engine import DockerEngine, connect_docker
+from dispatcher.errors import DockerUnavailable
+from dispatcher.images import ensure_runner_image
+from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.service import Dispatcher
+from runner.protocol import LABEL_OP_ID
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Fail under CI (the real thing must be there), skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: tests that need it fail, never skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = connect_docker()
+    except DockerUnavailable as exc:
+        unavailable(str(exc))
+    yield client
+    leftover = client.containers.list(all=True, filters={"label": LABEL_OP_ID})
+    for container in leftover:
+        container.remove(force=True)
+    client.close()
+    assert not leftover, f"containers left behind by the test suite: {[c.name for c in leftover]}"
+
+
+@pytest.fixture(scope="session")
+def runner_image(docker_client: docker.DockerClient) -> str:
+    return ensure_runner_image(docker_client, progress=lambda line: None)
+
+
+@pytest.fixture
+def no_leftover_containers(docker_client: docker.DockerClient) -> Iterator[None]:
+    """Fails the test if it leaves a container labelled ktrdr.op_id behind."""
+    before = {c.id for c in docker_client.containers.list(all=True, filters={"label": LABEL_OP_ID})}
+    yield
+    after = docker_client.containers.list(all=True, filters={"label": LABEL_OP_ID})
+    new = [c for c in after if c.id not in before]
+    for container in new:
+        container.remove(force=True)
+    assert not new, f"test left containers behind: {[c.name for c in new]}"
+
+
+@pytest.fixture
+def tmp_state() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ktrdr-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def nats_server(tmp_state: Path) -> AsyncIterator[EmbeddedNats]:
+    """A real nats-server with JetStream on a random port, listening where containers
+    can reach it."""
+    server = EmbeddedNats(tmp_state / "nats", free_port())
+    try:
+        await server.start()
+    except Exception as exc:  # noqa: BLE001 - report any failure to start as unavailability
+        unavailable(f"nats-server could not start: {exc}")
+    yield server
+    await asyncio.to_thread(server.stop)
+
+
+@pytest.fixture
+def config(nats_server: EmbeddedNats, tmp_state: Path) -> Config:
+    return Config(
+        state_dir=str(tmp_state),
+        nats=NatsConfig(url=nats_server.url, embedded=False),
+        dispatcher=DispatcherConfig(
+            cancel_grace_s=3.0, heartbeat_s=1.0, progress_record_interval_s=0.2, ack_wait_s=10.0
+        ),
+    )
+
+
+def write_config(config: Config, path: Path) -> Path:
+    """Write ``config`` as TOML for a CLI subprocess."""
+
+    def drop_none(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        return value
+
+    path.write_bytes(msgspec.toml.encode(drop_none(msgspec.to_builtins(config))))
+    return path
+
+
+@pytest.fixture
+async def js_handles(config: Config) -> AsyncIterator[JetStreamHandles]:
+    nc = await connect(config.nats.url, name="test")
+    handles = await ensure_jetstream(nc, config, with_consumer=True)
+    yield handles
+    await nc.drain()
+
+
+class RunningDispatcher:
+    """A Dispatcher running as a task in the test's event loop."""
+
+    def __init__(self, dispatcher: Dispatcher, task: asyncio.Task[None]) -> None:
+        self.dispatcher = dispatcher
+        self.task = task
+
+
+@pytest.fixture
+async def dispatcher(
+    config: Config,
+    docker_client: docker.DockerClient,
+    runner_image: str,
+    no_leftover_containers: None,
+) -> AsyncIterator[RunningDispatcher]:
+    nc = await connect(config.nats.url, name="test-dispatcher")
+    handles = await ensure_jetstream(nc, config, with_consumer=True)
+    client = connect_docker()
+    host = engine_host(client)
+    engine = DockerEngine(client, name=host.name)
+    service = Dispatcher(config, nc, handles, engine, host, lambda: runner_image)
+    task = asyncio.create_task(service.run(idle_s=0.5))
+    yield RunningDispatcher(service, task)
+    service.stop()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(task, 60)
+    await nc.drain()
+    engine.close()
