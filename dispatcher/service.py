@@ -403,10 +403,10 @@ class Dispatcher:
             await self.store.transition(run.op_id, "running", allowed_from={"starting"})
             exit_code = await self._wait_with_deadline(run)
             ending = await self.engine.conclude(run.container_id, cfg.log_tail_lines)
-            await self.engine.remove(run.container_id)
-            run.removed = True
             await self._collect_outcome(run)
             await self._finish(run, ending, exit_code)
+            await self.engine.remove(run.container_id)
+            run.removed = True
         except InfrastructureError as exc:
             await self._fail(run, "infrastructure", str(exc))
         except KtrdrError as exc:

@@ -1,0 +1,128 @@
+"""The wire contract, the registry, config decoding and placement: no Docker, no NATS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from discovery.base import Host
+from dispatcher.config import load_config
+from dispatcher.errors import ConfigError
+from dispatcher.placement import Ledger
+from runner import registry
+from runner.errors import InvalidParams, UnknownKind
+from runner.protocol import (
+    Job,
+    ProgressEvent,
+    Resources,
+    ResultEvent,
+    encode,
+    event_decoder,
+    job_decoder,
+    params_digest,
+    schema,
+)
+
+
+def test_job_round_trip_and_strictness() -> None:
+    job = job_decoder.decode(b'{"job_id": "a-1", "kind": "probe", "params": {"hold_s": 1}}')
+    assert job.resources == Resources()
+    assert job_decoder.decode(encode(job)) == job
+    with pytest.raises(msgspec.ValidationError, match=r"unknown field `timeout`"):
+        job_decoder.decode(b'{"job_id": "a-1", "kind": "probe", "timeout": 5}')
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.job_id"):
+        job_decoder.decode(b'{"job_id": "has space", "kind": "probe"}')
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.resources\.memory_gb"):
+        job_decoder.decode(b'{"job_id": "a", "kind": "probe", "resources": {"memory_gb": 0}}')
+
+
+def test_resources_resolve_against_kind_defaults() -> None:
+    defaults = Resources(cpus=0.5, memory_gb=0.5, gpus=0, gpu="never")
+    assert Resources(cpus=2).resolved(defaults) == Resources(cpus=2, memory_gb=0.5, gpus=0, gpu="never")
+    assert Resources().resolved(defaults) == defaults
+
+
+def test_events_are_a_tagged_union_and_tolerate_new_fields() -> None:
+    raw = b'{"event": "progress", "op_id": "x", "ts": 1.0, "percent": 50, "metrics": {"loss": 0.5}, "new": 1}'
+    event = event_decoder.decode(raw)
+    assert isinstance(event, ProgressEvent) and event.metrics == {"loss": 0.5}
+    result = event_decoder.decode(encode(ResultEvent(op_id="x", ts=2.0, result={"a": 1})))
+    assert isinstance(result, ResultEvent) and result.result == {"a": 1}
+
+
+def test_schema_describes_job_and_events() -> None:
+    doc = schema()
+    text = json.dumps(doc)
+    job = doc["$defs"]["Job"]
+    assert set(job["required"]) == {"job_id", "kind"}
+    assert "timeout_s" in job["properties"]
+    for event in ("status", "progress", "log", "result", "error", "cancel_ack", "heartbeat", "cancel"):
+        assert f'"{event}"' in text
+    assert "ktrdr.jobs.<kind>" in text
+
+
+def test_params_digest_is_order_independent() -> None:
+    assert params_digest({"a": 1, "b": 2}) == params_digest({"b": 2, "a": 1})
+    assert params_digest({"a": 1}) != params_digest({"a": 2})
+
+
+def test_registry_validates_params_with_field_names() -> None:
+    probe = registry.get("probe")
+    with pytest.raises(InvalidParams) as bad:
+        probe.parse_params({"hold_s": -1})
+    assert bad.value.field == "hold_s" and ">= 0" in str(bad.value)
+    with pytest.raises(InvalidParams) as unknown:
+        probe.parse_params({"hold": 1})
+    assert unknown.value.field == "hold" and "unknown field" in str(unknown.value)
+    assert probe.parse_params({"hold_s": "2"}, strict=False).hold_s == 2.0
+    with pytest.raises(UnknownKind, match="known kinds: .*probe"):
+        registry.get("nope")
+
+
+def test_registry_rejects_bad_declarations() -> None:
+    class P(msgspec.Struct):
+        pass
+
+    with pytest.raises(Exception, match="must match"):
+        registry.operation("Bad Kind", params=P)
+    with pytest.raises(Exception, match="msgspec.Struct"):
+        registry.operation("fine", params=dict)  # type: ignore[arg-type]
+
+
+def test_config_is_strict_and_substitutes_env(tmp_path: Path) -> None:
+    path = tmp_path / "ktrdr-run.toml"
+    path.write_text('[nats]\nurl = "nats://${NATS_HOST}:4222"\n[dispatcher]\ncancel_grace_s = 5\n')
+    config = load_config(path, env={"NATS_HOST": "10.0.0.5", "HOME": str(tmp_path)})
+    assert config.nats.url == "nats://10.0.0.5:4222"
+    assert config.dispatcher.cancel_grace_s == 5
+    assert config.state_dir.endswith("ktrdr-run")
+    with pytest.raises(ConfigError, match=r"NATS_HOST"):
+        load_config(path, env={"HOME": str(tmp_path)})
+    path.write_text("[nats]\nulr = 'x'\n")
+    with pytest.raises(ConfigError, match=r"unknown field `ulr`"):
+        load_config(path, env={})
+    path.write_text("[dispatcher]\ncancel_grace_s = -1\n")
+    with pytest.raises(ConfigError, match=r"cancel_grace_s"):
+        load_config(path, env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", env={})
+
+
+def test_ledger_places_on_least_loaded_host_and_waits_when_full() -> None:
+    gib = 1024**3
+    small = Host(name="small", source="docker", docker_url="", cpus=2, memory_bytes=4 * gib)
+    big = Host(name="big", source="docker", docker_url="", cpus=8, memory_bytes=32 * gib)
+    ledger = Ledger([small, big])
+    one = Resources(cpus=1, memory_gb=1, gpus=0)
+    first = ledger.reserve("a", one)
+    assert first is not None and first.host.name == "big"  # 1/8 load beats 1/2
+    assert not ledger.can_ever_fit(Resources(cpus=16, memory_gb=1))
+    assert "big: 8 cpus" in ledger.largest_host()
+    for i in range(9):
+        ledger.reserve(f"x{i}", one)
+    assert ledger.reserve("full", one) is None  # 10 cpus reserved of 10
+    ledger.release("a")
+    assert ledger.reserve("again", one) is not None
