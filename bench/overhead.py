@@ -25,14 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from discovery.docker_engines import engine_host  # noqa: E402
-from dispatcher.config import Config, DispatcherConfig, NatsConfig  # noqa: E402
-from dispatcher.embedded import EmbeddedNats, free_port  # noqa: E402
-from dispatcher.engine import RUNNER_USER, DockerEngine, connect_docker  # noqa: E402
-from dispatcher.images import ensure_runner_image  # noqa: E402
-from dispatcher.service import Dispatcher  # noqa: E402
-from dispatcher.session import Session  # noqa: E402
-from runner.protocol import Job, Resources, StatusEvent  # noqa: E402
+from discovery.docker_engines import engine_host
+from dispatcher.config import Config, DispatcherConfig, NatsConfig
+from dispatcher.embedded import EmbeddedNats, free_port
+from dispatcher.engine import RUNNER_USER, DockerEngine, connect_docker
+from dispatcher.images import ensure_runner_image
+from dispatcher.service import Dispatcher
+from dispatcher.session import Session
+from runner.protocol import Job, Resources, StatusEvent
 
 CPUS, MEMORY_GB, PIDS = 0.5, 0.5, 512
 
@@ -114,7 +114,7 @@ async def main(runs: int) -> None:
 
 
 def _p90(values: list[float]) -> float:
-    return sorted(values)[max(0, int(round(0.9 * len(values))) - 1)]
+    return sorted(values)[max(0, round(0.9 * len(values)) - 1)]
 
 
 if __name__ == "__main__":

@@ -27,14 +27,12 @@ from dispatcher.session import Session, submitter
 from runner import registry
 from runner.errors import KtrdrRunnerError
 from runner.protocol import (
-    TERMINAL_STATES,
     CancelAckEvent,
     ErrorEvent,
     Job,
     LogEvent,
     OpRecord,
     ProgressEvent,
-    Resources,
     StatusEvent,
     is_valid_id,
     schema,
@@ -46,7 +44,12 @@ EXIT_USAGE = 2
 EXIT_INFRA = 3
 EXIT_TIMED_OUT = 124
 EXIT_CANCELLED = 130
-STATE_EXIT = {"completed": EXIT_OK, "failed": EXIT_FAILED, "timed_out": EXIT_TIMED_OUT, "cancelled": EXIT_CANCELLED}
+STATE_EXIT = {
+    "completed": EXIT_OK,
+    "failed": EXIT_FAILED,
+    "timed_out": EXIT_TIMED_OUT,
+    "cancelled": EXIT_CANCELLED,
+}
 
 
 class UsageError(Exception):
@@ -97,6 +100,7 @@ def build_job(kind: str, params: dict[str, Any], args: argparse.Namespace) -> Jo
                 "timeout_s": args.timeout_s,
                 "labels": parse_pairs(args.label or [], "--label"),
                 "submitted_by": submitter(),
+                "data_dir": str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else "",
             },
             Job,
         )
@@ -200,6 +204,7 @@ async def follow_to_end(session: Session, op_id: str, view: ProgressView | None)
     loop = asyncio.get_running_loop()
     interrupted = 0
     follower = asyncio.current_task()
+    pending: set[asyncio.Future[Any]] = set()
 
     def on_interrupt() -> None:
         nonlocal interrupted
@@ -207,7 +212,7 @@ async def follow_to_end(session: Session, op_id: str, view: ProgressView | None)
         if interrupted == 1:
             if view:
                 view.line(f"{op_id}: cancelling (Ctrl-C again to stop waiting)")
-            asyncio.ensure_future(session.cancel(op_id, reason="Ctrl-C at the terminal"))
+            pending.add(asyncio.ensure_future(session.cancel(op_id, reason="Ctrl-C at the terminal")))
         elif follower is not None:
             follower.cancel()
 
@@ -247,8 +252,10 @@ async def submit_and_report(
             else:
                 print(op_id)
                 if not await session.dispatchers():
-                    print("note: no dispatcher is running; start one with `ktrdr-run dispatcher`",
-                          file=sys.stderr)
+                    print(
+                        "note: no dispatcher is running; start one with `ktrdr-run dispatcher`",
+                        file=sys.stderr,
+                    )
             return EXIT_OK
         view = None if args.json else ProgressView(sys.stderr, op_id)
         record = await follow_to_end(session, op_id, view)
@@ -320,13 +327,19 @@ async def cmd_ops_cancel(args: argparse.Namespace, config: Config) -> int:
         record = await session.record(args.op_id)
         if record.terminal:
             message = f"op {args.op_id} already finished ({record.state}); nothing to cancel"
-            print(json.dumps({"op_id": args.op_id, "state": record.state, "cancelled": False})
-                  if args.json else message)
+            print(
+                json.dumps({"op_id": args.op_id, "state": record.state, "cancelled": False})
+                if args.json
+                else message
+            )
             return EXIT_OK
         await session.cancel(args.op_id, reason=args.reason or "")
         if not args.wait:
-            print(json.dumps({"op_id": args.op_id, "requested": True}) if args.json
-                  else f"cancel requested for {args.op_id}")
+            print(
+                json.dumps({"op_id": args.op_id, "requested": True})
+                if args.json
+                else f"cancel requested for {args.op_id}"
+            )
             return EXIT_OK
         async for _event in session.follow(args.op_id):
             pass
@@ -364,7 +377,7 @@ async def cmd_dispatcher(args: argparse.Namespace, config: Config) -> int:
 
 async def cmd_images_build(args: argparse.Namespace, config: Config) -> int:
     from dispatcher.engine import connect_docker
-    from dispatcher.images import ensure_runner_image
+    from dispatcher.images import ensure_runner_image, prune_runner_images
 
     client = await asyncio.to_thread(connect_docker, config.docker.url, timeout_s=config.docker.timeout_s)
     try:
@@ -372,9 +385,15 @@ async def cmd_images_build(args: argparse.Namespace, config: Config) -> int:
         tag = await asyncio.to_thread(
             lambda: ensure_runner_image(client, config=config.images, progress=say, force=args.force)
         )
+        pruned = [] if args.keep_old else await asyncio.to_thread(prune_runner_images, client, tag)
     finally:
         client.close()
-    print(json.dumps({"image": tag}) if args.json else tag)
+    if args.json:
+        print(json.dumps({"image": tag, "pruned": pruned}))
+    else:
+        for old in pruned:
+            print(f"removed superseded image {old}", file=sys.stderr)
+        print(tag)
     return EXIT_OK
 
 
@@ -393,15 +412,20 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-gb", dest="memory_gb", type=float, help="memory limit in GiB")
     parser.add_argument("--gpus", type=int, help="number of GPUs")
     parser.add_argument("--gpu", choices=["required", "preferred", "never"], help="GPU policy")
-    parser.add_argument("--timeout-s", dest="timeout_s", type=float, help="stop the op after this many seconds")
+    parser.add_argument(
+        "--timeout-s", dest="timeout_s", type=float, help="stop the op after this many seconds"
+    )
     parser.add_argument("--label", action="append", metavar="K=V", help="label the op (repeatable)")
+    parser.add_argument("--data-dir", dest="data_dir", help="data directory, mounted read-only at /data")
     parser.add_argument("--detach", action="store_true", help="submit and return the op id at once")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ktrdr-run", description="Run trading research ops in containers.")
-    parser.add_argument("--config", type=Path, help="config file (default: $KTRDR_RUN_CONFIG or ./ktrdr-run.toml)")
+    parser.add_argument(
+        "--config", type=Path, help="config file (default: $KTRDR_RUN_CONFIG or ./ktrdr-run.toml)"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -437,9 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty and ops are done")
     p.set_defaults(handler=cmd_dispatcher)
 
-    images = sub.add_parser("images", help="runner images").add_subparsers(dest="images_command", required=True)
+    images = sub.add_parser("images", help="runner images").add_subparsers(
+        dest="images_command", required=True
+    )
     p = images.add_parser("build", help="build the runner image (if its code changed, or --force)")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--keep-old", action="store_true", help="keep superseded runner images")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_images_build)
 
@@ -452,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ktrdr-run`` console script."""
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         config = load_config(args.config)
         result = args.handler(args, config)

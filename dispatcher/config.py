@@ -55,6 +55,7 @@ class DispatcherConfig(Struct, frozen=True, forbid_unknown_fields=True):
     pids_limit: Annotated[int, Meta(ge=16)] = 512
     scratch_mb: Annotated[int, Meta(ge=16)] = 1024
     data_dir: str = ""
+    data_roots: list[str] = []
     result_deadline_s: Annotated[float, Meta(gt=0)] = 60.0
 
 

@@ -170,7 +170,7 @@ class DockerEngine:
     async def stop(self, container_id: str, grace_s: float) -> None:
         """SIGTERM, then SIGKILL after ``grace_s``."""
         try:
-            await self.call(self.api.stop, container_id, timeout=max(0, int(round(grace_s))))
+            await self.call(self.api.stop, container_id, timeout=max(0, round(grace_s)))
         except InfrastructureError as exc:
             log.info("stop %s: %s", container_id[:12], exc)
 

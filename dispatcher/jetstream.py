@@ -120,7 +120,9 @@ async def _ensure_stream(js: JetStreamContext, wanted: api.StreamConfig) -> None
                 continue  # another process created it meanwhile: bind and compare
         current = info.config
         drift = [
-            f for f in _COMPARED_FIELDS if getattr(wanted, f) is not None and getattr(current, f) != getattr(wanted, f)
+            f
+            for f in _COMPARED_FIELDS
+            if getattr(wanted, f) is not None and getattr(current, f) != getattr(wanted, f)
         ]
         if drift:
             await js.update_stream(wanted)

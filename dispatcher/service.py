@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -41,7 +42,7 @@ from dispatcher.jetstream import JetStreamHandles, dispatcher_consumer_config
 from dispatcher.opstore import OpStore
 from dispatcher.placement import Ledger, Reservation
 from runner import registry
-from runner.errors import InvalidParams, UnknownKind, describe_validation_error
+from runner.errors import DataError, InvalidParams, UnknownKind, describe_validation_error
 from runner.protocol import (
     DISPATCHER_CONSUMER,
     DISPATCHER_PING_SUBJECT,
@@ -159,12 +160,16 @@ class Dispatcher:
             await self.nc.subscribe(DISPATCHER_PING_SUBJECT, cb=self._on_ping),
             await self.nc.subscribe(f"{OPS_SUBJECT_ROOT}.*.cancel", cb=self._on_cancel),
         ]
-        nats_url = self.config.nats.runner_url or str(self.nc.connected_url.geturl())
-        self._runner_nats_url = (
-            self.config.nats.runner_url
-            or await asyncio.to_thread(self.engine.runner_nats_url, nats_url)
+        connected = self.nc.connected_url.geturl() if self.nc.connected_url else self.config.nats.url
+        self._runner_nats_url = self.config.nats.runner_url or await asyncio.to_thread(
+            self.engine.runner_nats_url, connected
         )
-        log.info("dispatcher %s ready on %s (max %d ops)", self.dispatcher_id, self.engine.name, self.max_concurrent)
+        log.info(
+            "dispatcher %s ready on %s (max %d ops)",
+            self.dispatcher_id,
+            self.engine.name,
+            self.max_concurrent,
+        )
         try:
             while not self._stopping.is_set():
                 if len(self._runs) >= self.max_concurrent:
@@ -238,13 +243,17 @@ class Dispatcher:
             timeout_s=job.timeout_s,
             labels=job.labels,
             submitted_by=job.submitted_by,
+            data_dir=self._data_dir(job),
             timestamps={"queued": now()},
         )
         if not await self.store.create(record):
             existing = await self.store.find(job.job_id)
             if existing is None or existing.state != "queued":
-                log.info("op %s: duplicate job message (op is %s); not started again",
-                         job.job_id, existing.state if existing else "gone")
+                log.info(
+                    "op %s: duplicate job message (op is %s); not started again",
+                    job.job_id,
+                    existing.state if existing else "gone",
+                )
                 await msg.ack()
                 return True
             record = existing
@@ -284,18 +293,46 @@ class Dispatcher:
         except msgspec.DecodeError as exc:
             raise Rejected(f"job message is not valid JSON: {exc}", error_type="NotJSON") from None
         if job.kind != subject_kind:
-            raise Rejected(
-                f"kind {job.kind!r} does not match the subject {msg.subject!r}", field="kind"
-            )
+            raise Rejected(f"kind {job.kind!r} does not match the subject {msg.subject!r}", field="kind")
         try:
             op = registry.get(job.kind)
-            op.parse_params(job.params)
+            params = op.parse_params(job.params)
         except UnknownKind as exc:
             raise Rejected(str(exc), field="kind", error_type="UnknownKind") from None
         except InvalidParams as exc:
             where = f"params.{exc.field}" if exc.field else "params"
             raise Rejected(str(exc), field=where, error_type="InvalidParams") from None
+        data_dir = self._data_dir(job)
+        if op.preflight is not None:
+            try:
+                op.preflight(params, Path(data_dir) if data_dir else None)
+            except DataError as exc:
+                raise Rejected(str(exc), field="data", error_type="DataError") from None
+            except InvalidParams as exc:
+                where = f"params.{exc.field}" if exc.field else "params"
+                raise Rejected(str(exc), field=where, error_type="InvalidParams") from None
         return job, op
+
+    def _data_dir(self, job: Job) -> str:
+        """The host directory to mount read-only at /data for this job ("" = none)."""
+        raw = job.data_dir or self.config.dispatcher.data_dir
+        if not raw:
+            return ""
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            raise Rejected(
+                f"data_dir {raw!r} must be an absolute path on the dispatcher's host", field="data_dir"
+            )
+        path = path.resolve()
+        if not path.is_dir():
+            raise Rejected(f"data_dir {raw!r} is not a directory on the dispatcher's host", field="data_dir")
+        roots = [Path(r).expanduser().resolve() for r in self.config.dispatcher.data_roots]
+        if roots and not any(path == root or root in path.parents for root in roots):
+            raise Rejected(
+                f"data_dir {raw!r} is outside the allowed data roots ({', '.join(map(str, roots))})",
+                field="data_dir",
+            )
+        return str(path)
 
     async def _reject(self, msg: Msg, exc: Rejected, job: Job | None = None) -> None:
         job_id, kind = (job.job_id, job.kind) if job else _peek_ids(msg)
@@ -358,14 +395,18 @@ class Dispatcher:
         progress_writer = asyncio.create_task(self._write_progress(run))
         sub = None
         try:
-            sub = await self.nc.subscribe(op_events_filter(run.op_id), cb=functools.partial(self._on_event, run))
+            sub = await self.nc.subscribe(
+                op_events_filter(run.op_id), cb=functools.partial(self._on_event, run)
+            )
             image = await self._image_tag()
             if run.cancel_requested is not None:
                 await self.store.transition(
                     run.op_id,
                     "cancelled",
                     allowed_from={"placing"},
-                    cancel=CancelIntent(requested_at=run.cancel_requested.ts, reason=run.cancel_requested.reason),
+                    cancel=CancelIntent(
+                        requested_at=run.cancel_requested.ts, reason=run.cancel_requested.reason
+                    ),
                     message="cancelled before start; no container was created",
                 )
                 return
@@ -384,7 +425,7 @@ class Dispatcher:
                 record.resources,
                 pids_limit=cfg.pids_limit,
                 scratch_mb=cfg.scratch_mb,
-                data_dir=cfg.data_dir,
+                data_dir=record.data_dir,
             )
             run.container_id = await self.engine.create(
                 image=image,
@@ -556,7 +597,8 @@ class Dispatcher:
             else:
                 tail = ending.log_tail[-1] if ending.log_tail else ""
                 error = ErrorInfo(
-                    reason="exit_nonzero", message=f"container exited with code {exit_code}: {tail}".rstrip(": ")
+                    reason="exit_nonzero",
+                    message=f"container exited with code {exit_code}: {tail}".rstrip(": "),
                 )
             await self.store.transition(run.op_id, "failed", allowed_from=active, error=error, **common)
 

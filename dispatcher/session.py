@@ -93,7 +93,9 @@ class Session:
         """Connect (or start NATS), bind JetStream, and make sure a dispatcher runs."""
         cfg = self.config.nats
         try:
-            self.nc = await connect(cfg.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s, retry=False)
+            self.nc = await connect(
+                cfg.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s, retry=False
+            )
         except NatsUnavailable:
             if not (cfg.embedded and is_local_url(cfg.url)):
                 raise
@@ -102,17 +104,19 @@ class Session:
             self._say(f"no NATS at {cfg.url}: starting an embedded nats-server (store {store})")
             self.embedded = EmbeddedNats(store, port, sync_always=cfg.embedded_sync == "always")
             await self.embedded.start()
-            self.nc = await connect(self.embedded.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s)
+            self.nc = await connect(
+                self.embedded.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s
+            )
         self.handles = await ensure_jetstream(self.nc, self.config, with_consumer=True)
         self.store = OpStore(self.handles.ops, self.handles.js)
         if self.need_dispatcher and not await self.dispatchers():
             await self._start_dispatcher()
 
     async def _start_dispatcher(self) -> None:
+        from discovery.docker_engines import engine_host
         from dispatcher.engine import DockerEngine, connect_docker
         from dispatcher.images import ensure_runner_image
         from dispatcher.service import Dispatcher
-        from discovery.docker_engines import engine_host
 
         assert self.nc is not None and self.handles is not None
         docker_cfg = self.config.docker
@@ -209,6 +213,8 @@ class Session:
             record = await self.record(op_id)
         except OpNotFound:
             record = None
-        request = CancelRequest(op_id=op_id, ts=now(), reason=reason, requested_by=requested_by or submitter())
+        request = CancelRequest(
+            op_id=op_id, ts=now(), reason=reason, requested_by=requested_by or submitter()
+        )
         await self.handles.js.publish(op_subject(op_id, "cancel"), encode(request))
         return record

@@ -128,7 +128,8 @@ class Job(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """A job message, as published to ``ktrdr.jobs.<kind>``.
 
     ``job_id`` is chosen by the client; it is the idempotency key (also sent as the
-    ``Nats-Msg-Id`` header) and becomes the op id.
+    ``Nats-Msg-Id`` header) and becomes the op id. ``data_dir`` is a directory on the
+    dispatcher's host, mounted read-only at /data (default: the dispatcher's own).
     """
 
     job_id: Annotated[str, Meta(pattern=ID_PATTERN)]
@@ -138,6 +139,7 @@ class Job(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     timeout_s: Annotated[float, Meta(gt=0)] | None = None
     labels: dict[str, str] = {}
     submitted_by: str = ""
+    data_dir: str = ""
 
 
 # --- op record (KV ktrdr_ops, key = op id) ---------------------------------------------
@@ -200,6 +202,7 @@ class OpRecord(Struct, kw_only=True):
     timeout_s: float | None = None
     labels: dict[str, str] = {}
     submitted_by: str = ""
+    data_dir: str = ""
     host: str = ""
     container_id: str = ""
     image: str = ""
@@ -228,7 +231,7 @@ class _Event(Struct, frozen=True, kw_only=True, tag_field="event"):
     ts: float
 
 
-class StatusEvent(_Event, tag="status"):
+class StatusEvent(_Event, frozen=True, tag="status"):
     """A state transition of the op record, published by the dispatcher."""
 
     state: OpState
@@ -238,7 +241,7 @@ class StatusEvent(_Event, tag="status"):
     message: str = ""
 
 
-class ProgressEvent(_Event, tag="progress"):
+class ProgressEvent(_Event, frozen=True, tag="progress"):
     """Progress from the op: percent in [0, 100], a step name, free numeric metrics."""
 
     percent: float
@@ -247,7 +250,7 @@ class ProgressEvent(_Event, tag="progress"):
     metrics: dict[str, float] = {}
 
 
-class LogEvent(_Event, tag="log"):
+class LogEvent(_Event, frozen=True, tag="log"):
     """One log line from the op (``source`` runner = the SDK, container = stdout/err)."""
 
     message: str
@@ -255,14 +258,14 @@ class LogEvent(_Event, tag="log"):
     source: str = "runner"
 
 
-class ResultEvent(_Event, tag="result"):
+class ResultEvent(_Event, frozen=True, tag="result"):
     """The op's result; ``artifacts`` maps an artifact name to its object-store name."""
 
     result: dict[str, Any]
     artifacts: dict[str, str] = {}
 
 
-class ErrorEvent(_Event, tag="error"):
+class ErrorEvent(_Event, frozen=True, tag="error"):
     """An op failed or a job was rejected. ``field`` names the offending field, if any."""
 
     reason: str
@@ -272,20 +275,20 @@ class ErrorEvent(_Event, tag="error"):
     traceback: str = ""
 
 
-class CancelAckEvent(_Event, tag="cancel_ack"):
+class CancelAckEvent(_Event, frozen=True, tag="cancel_ack"):
     """The runner saw the cancel and is exiting."""
 
     partial_saved: bool = False
     message: str = ""
 
 
-class HeartbeatEvent(_Event, tag="heartbeat"):
+class HeartbeatEvent(_Event, frozen=True, tag="heartbeat"):
     """The runner is alive."""
 
     uptime_s: float = 0.0
 
 
-class CancelRequest(_Event, tag="cancel"):
+class CancelRequest(_Event, frozen=True, tag="cancel"):
     """A request to cancel an op; anyone may publish it to ``ktrdr.ops.<id>.cancel``."""
 
     reason: str = ""

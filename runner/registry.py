@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 OpFunction = Callable[["OpContext", Any], dict[str, Any]]
 ParamsCheck = Callable[[Any], None]
+# (parsed params, host data directory or None) -> None; raises DataError
+Preflight = Callable[[Any, Path | None], None]
 
 # Modules that declare the built-in operations, imported on first registry use.
 BUILTIN_MODULES: tuple[str, ...] = ("runner.ops.probe", "runner.ops.backtest")
@@ -40,6 +43,7 @@ class Operation:
     default_resources: Resources
     description: str
     check: ParamsCheck | None = None
+    preflight: Preflight | None = None
 
     def parse_params(self, params: dict[str, Any], *, strict: bool = True) -> msgspec.Struct:
         """Validate ``params`` into the kind's params struct.
@@ -67,11 +71,13 @@ def operation(
     gpu: GpuPolicy = "never",
     resources: Resources | None = None,
     check: ParamsCheck | None = None,
+    preflight: Preflight | None = None,
 ) -> Callable[[OpFunction], OpFunction]:
     """Declare ``fn`` as the operation ``kind`` with params struct ``params``.
 
     ``gpu`` is the kind's default GPU policy; ``check`` runs cross-field checks on the
-    parsed params and raises InvalidParams.
+    parsed params and raises InvalidParams; ``preflight`` checks the op's input data
+    where the dispatcher can see it (raising DataError) before any container starts.
     """
     import re
 
@@ -93,6 +99,7 @@ def operation(
             default_resources=resources or Resources(cpus=1.0, memory_gb=1.0, gpus=0),
             description=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
             check=check,
+            preflight=preflight,
         )
         return fn
 

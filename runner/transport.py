@@ -127,7 +127,7 @@ class NatsSink:
                 event = LogEvent(op_id=op_id, ts=now(), message=message, level=level)
                 await self._nc.publish(op_subject(op_id, "log"), encode(event))
             if latest is not None:
-                event = ProgressEvent(
+                progress = ProgressEvent(
                     op_id=op_id,
                     ts=latest.ts,
                     percent=latest.percent,
@@ -135,7 +135,7 @@ class NatsSink:
                     message=latest.message,
                     metrics=latest.metrics,
                 )
-                await self._nc.publish(op_subject(op_id, "progress"), encode(event))
+                await self._nc.publish(op_subject(op_id, "progress"), encode(progress))
         except Exception as exc:
             log.warning("progress publish failed (%s); will retry with newer progress", exc)
 

@@ -84,7 +84,7 @@ async def nats_server(tmp_state: Path) -> AsyncIterator[EmbeddedNats]:
     server = EmbeddedNats(tmp_state / "nats", free_port())
     try:
         await server.start()
-    except Exception as exc:  # noqa: BLE001 - report any failure to start as unavailability
+    except Exception as exc:
         unavailable(f"nats-server could not start: {exc}")
     yield server
     await asyncio.to_thread(server.stop)

@@ -15,7 +15,6 @@ from dispatcher.placement import Ledger
 from runner import registry
 from runner.errors import InvalidParams, UnknownKind
 from runner.protocol import (
-    Job,
     ProgressEvent,
     Resources,
     ResultEvent,
@@ -78,7 +77,7 @@ def test_registry_validates_params_with_field_names() -> None:
         probe.parse_params({"hold": 1})
     assert unknown.value.field == "hold" and "unknown field" in str(unknown.value)
     assert probe.parse_params({"hold_s": "2"}, strict=False).hold_s == 2.0
-    with pytest.raises(UnknownKind, match="known kinds: .*probe"):
+    with pytest.raises(UnknownKind, match=r"known kinds: .*probe"):
         registry.get("nope")
 
 
@@ -88,7 +87,7 @@ def test_registry_rejects_bad_declarations() -> None:
 
     with pytest.raises(Exception, match="must match"):
         registry.operation("Bad Kind", params=P)
-    with pytest.raises(Exception, match="msgspec.Struct"):
+    with pytest.raises(Exception, match=r"msgspec\.Struct"):
         registry.operation("fine", params=dict)  # type: ignore[arg-type]
 
 

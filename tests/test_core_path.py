@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +32,9 @@ async def read_op_events(url: str, op_id: str, timeout_s: float = 90.0) -> list[
     nc = await nats.connect(url)
     js = nc.jetstream()
     events: list[dict[str, Any]] = []
-    sub = await js.subscribe(f"ktrdr.ops.{op_id}.>", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    sub = await js.subscribe(
+        f"ktrdr.ops.{op_id}.>", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
@@ -108,9 +109,9 @@ async def test_raw_json_job_from_plain_client(
     op_id = new_id("raw")
     since = time.time()
     raw = (
-        '{"job_id": "%s", "kind": "probe", "params": {"hold_s": 1.0, "tick_s": 0.25},'
-        ' "resources": {"cpus": 0.5, "memory_gb": 0.5}, "submitted_by": "plain-client"}' % op_id
-    )
+        '{"job_id": "OP_ID", "kind": "probe", "params": {"hold_s": 1.0, "tick_s": 0.25},'
+        ' "resources": {"cpus": 0.5, "memory_gb": 0.5}, "submitted_by": "plain-client"}'
+    ).replace("OP_ID", op_id)
     nc = await nats.connect(config.nats.url)
     ack = await nc.jetstream().publish("ktrdr.jobs.probe", raw.encode(), headers={"Nats-Msg-Id": op_id})
     assert ack.stream == "KTRDR_JOBS"
@@ -139,7 +140,9 @@ async def test_invalid_jobs_are_rejected_without_containers(
     bad_params_id, unknown_kind_id, bad_resources_id = new_id("badp"), new_id("unk"), new_id("badr")
     nc = await nats.connect(config.nats.url)
     js = nc.jetstream()
-    rejected = await js.subscribe("ktrdr.rejected.>", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    rejected = await js.subscribe(
+        "ktrdr.rejected.>", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
+    )
     await js.publish("ktrdr.jobs.probe", b"{not json at all", headers={"Nats-Msg-Id": new_id("nj")})
     await js.publish(
         "ktrdr.jobs.probe",
@@ -175,7 +178,9 @@ async def test_invalid_jobs_are_rejected_without_containers(
     good = new_id("good")
     nc = await nats.connect(config.nats.url)
     await nc.jetstream().publish(
-        "ktrdr.jobs.probe", json.dumps({"job_id": good, "kind": "probe"}).encode(), headers={"Nats-Msg-Id": good}
+        "ktrdr.jobs.probe",
+        json.dumps({"job_id": good, "kind": "probe"}).encode(),
+        headers={"Nats-Msg-Id": good},
     )
     await nc.close()
     events = await read_op_events(config.nats.url, good)
@@ -243,7 +248,9 @@ async def test_op_failure_and_cli_reads(
     assert missing.returncode == 2 and "no op with id 'no-such-op'" in missing.stderr
 
 
-async def test_submit_detach_returns_op_id(config: Config, tmp_state: Path, dispatcher: RunningDispatcher) -> None:
+async def test_submit_detach_returns_op_id(
+    config: Config, tmp_state: Path, dispatcher: RunningDispatcher
+) -> None:
     config_path = write_config(config, tmp_state / "ktrdr-run.toml")
     done = await asyncio.to_thread(run_cli, ["submit", "probe", "--detach", "--json"], config_path)
     assert done.returncode == 0, done.stderr
