@@ -12,8 +12,10 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import msgspec
@@ -27,9 +29,21 @@ from dispatcher.errors import DockerUnavailable
 from dispatcher.images import ensure_runner_image
 from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
 from dispatcher.service import Dispatcher
-from runner.protocol import LABEL_OP_ID
+from runner.protocol import LABEL_DISPATCHER, LABEL_OP_ID
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Every dispatcher a test starts carries this prefix in its id (and so in the containers'
+# ktrdr.dispatcher label): leftover checks look only at this test session's containers.
+SESSION_TAG = f"test-{uuid.uuid4().hex[:8]}"
+
+
+def our_containers(client: docker.DockerClient) -> list[Any]:
+    """Containers labelled ktrdr.op_id that this test session's dispatchers created."""
+    return [
+        c
+        for c in client.containers.list(all=True, filters={"label": LABEL_OP_ID})
+        if c.labels.get(LABEL_DISPATCHER, "").startswith(SESSION_TAG)
+    ]
 
 
 def unavailable(reason: str) -> None:
@@ -46,7 +60,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
     except DockerUnavailable as exc:
         unavailable(str(exc))
     yield client
-    leftover = client.containers.list(all=True, filters={"label": LABEL_OP_ID})
+    leftover = our_containers(client)
     for container in leftover:
         container.remove(force=True)
     client.close()
@@ -61,10 +75,9 @@ def runner_image(docker_client: docker.DockerClient) -> str:
 @pytest.fixture
 def no_leftover_containers(docker_client: docker.DockerClient) -> Iterator[None]:
     """Fails the test if it leaves a container labelled ktrdr.op_id behind."""
-    before = {c.id for c in docker_client.containers.list(all=True, filters={"label": LABEL_OP_ID})}
+    before = {c.id for c in our_containers(docker_client)}
     yield
-    after = docker_client.containers.list(all=True, filters={"label": LABEL_OP_ID})
-    new = [c for c in after if c.id not in before]
+    new = [c for c in our_containers(docker_client) if c.id not in before]
     for container in new:
         container.remove(force=True)
     assert not new, f"test left containers behind: {[c.name for c in new]}"
@@ -96,7 +109,11 @@ def config(nats_server: EmbeddedNats, tmp_state: Path) -> Config:
         state_dir=str(tmp_state),
         nats=NatsConfig(url=nats_server.url, embedded=False),
         dispatcher=DispatcherConfig(
-            cancel_grace_s=3.0, heartbeat_s=1.0, progress_record_interval_s=0.2, ack_wait_s=10.0
+            dispatcher_id=f"{SESSION_TAG}-{uuid.uuid4().hex[:6]}",
+            cancel_grace_s=3.0,
+            heartbeat_s=1.0,
+            progress_record_interval_s=0.2,
+            ack_wait_s=10.0,
         ),
     )
 
