@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+from dispatcher.backtest_cli import add_backtest_parser
 from dispatcher.config import Config, load_config
 from dispatcher.errors import ConfigError, KtrdrError, OpNotFound
 from dispatcher.session import Session, submitter
@@ -456,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until the op has ended")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_ops_cancel)
+
+    add_backtest_parser(sub, add_job_options)
 
     p = sub.add_parser("dispatcher", help="run the dispatcher service")
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty and ops are done")

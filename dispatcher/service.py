@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from nats.js import JetStreamContext
 
 from discovery.base import Host
 from dispatcher.config import Config
-from dispatcher.engine import ContainerExit, DockerEngine, hardened_host_config
+from dispatcher.engine import RUNNER_USER, ContainerExit, DockerEngine, hardened_host_config
 from dispatcher.errors import InfrastructureError, KtrdrError
 from dispatcher.jetstream import JetStreamHandles, dispatcher_consumer_config
 from dispatcher.opstore import OpStore
@@ -326,6 +327,12 @@ class Dispatcher:
         path = path.resolve()
         if not path.is_dir():
             raise Rejected(f"data_dir {raw!r} is not a directory on the dispatcher's host", field="data_dir")
+        if path.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
+            raise Rejected(
+                f"data_dir {raw!r} is not readable by the container user {RUNNER_USER} "
+                f"(mode {stat.filemode(path.stat().st_mode)}); run: chmod o+rx {path}",
+                field="data_dir",
+            )
         roots = [Path(r).expanduser().resolve() for r in self.config.dispatcher.data_roots]
         if roots and not any(path == root or root in path.parents for root in roots):
             raise Rejected(

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -115,6 +117,24 @@ def config(nats_server: EmbeddedNats, tmp_state: Path) -> Config:
             progress_record_interval_s=0.2,
             ack_wait_s=10.0,
         ),
+    )
+
+
+# The installed console script, next to the interpreter running the tests (PATH may not
+# include the virtualenv).
+KTRDR_RUN = str(Path(sys.executable).parent / "ktrdr-run")
+
+
+def run_cli(args: list[str], config_path: Path, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run ``ktrdr-run ARGS`` with ``config_path`` as its config, no stdin."""
+    env = {**os.environ, "KTRDR_RUN_CONFIG": str(config_path)}
+    return subprocess.run(
+        [KTRDR_RUN, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
 
 

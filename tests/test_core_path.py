@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +16,7 @@ from nats.js import api
 
 from dispatcher.config import Config
 from runner.protocol import LABEL_OP_ID, TERMINAL_STATES
-from tests.conftest import RunningDispatcher, write_config
+from tests.conftest import RunningDispatcher, run_cli, write_config
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 
@@ -60,18 +58,6 @@ def containers_created(client: docker.DockerClient, op_id: str, since: float) ->
         filters={"type": "container", "event": "create", "label": f"{LABEL_OP_ID}={op_id}"},
     )
     return sum(1 for _ in events)
-
-
-def run_cli(args: list[str], config_path: Path, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KTRDR_RUN_CONFIG": str(config_path)}
-    return subprocess.run(
-        ["ktrdr-run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 async def test_probe_submit_json_shows_hardening(

@@ -1,0 +1,140 @@
+"""``ktrdr-run backtest``: a one-shot backtest in a fresh container, with live progress,
+then the metrics and the first and last trades."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from dispatcher.config import Config
+from runner.protocol import OpRecord
+
+# Metrics that are fractions (0.12 = 12 %), shown as percentages in the table.
+FRACTION_METRICS = frozenset(
+    {
+        "total_return_pct",
+        "annualized_return",
+        "volatility",
+        "max_drawdown_pct",
+        "win_rate",
+        "exposure_pct",
+        "buy_and_hold_return_pct",
+    }
+)
+MONEY_METRICS = frozenset(
+    {
+        "total_return",
+        "max_drawdown",
+        "avg_win",
+        "avg_loss",
+        "largest_win",
+        "largest_loss",
+        "final_equity",
+        "commissions_paid",
+    }
+)
+
+
+def add_backtest_parser(sub: Any, add_job_options: Any) -> None:
+    """Register the ``backtest`` subcommand."""
+    p = sub.add_parser(
+        "backtest",
+        help="backtest a strategy in a fresh container and print its metrics",
+        description="Run one backtest. With no --data-dir, symbol DEMO uses generated demo data.",
+    )
+    p.add_argument("--strategy", required=True, help="sma_cross, rsi_reversion, donchian_breakout, ...")
+    p.add_argument("--symbol", required=True, help="reads {symbol}_{timeframe}.csv|parquet")
+    p.add_argument("--timeframe", default="1d", help="e.g. 1d, 1h, 5m (default 1d)")
+    p.add_argument("--start", help="first date (ISO, inclusive)")
+    p.add_argument("--end", help="last date (ISO, inclusive)")
+    p.add_argument("--param", "-p", action="append", metavar="K=V", help="strategy parameter (repeatable)")
+    p.add_argument("--capital", type=float, default=100_000.0, help="initial capital (default 100000)")
+    p.add_argument("--commission", type=float, default=0.001, help="fraction of notional (default 0.001)")
+    p.add_argument("--slippage", type=float, default=0.0005, help="fraction of price (default 0.0005)")
+    p.add_argument("--long-only", action="store_true", help="flat instead of short")
+    p.add_argument("--sizing", choices=["all_in", "fraction"], default="all_in")
+    p.add_argument("--fraction", type=float, default=1.0, help="equity fraction with --sizing fraction")
+    p.add_argument("--close-at-end", action="store_true", help="close an open position at the last close")
+    add_job_options(p)
+    p.set_defaults(handler=cmd_backtest)
+
+
+async def cmd_backtest(args: argparse.Namespace, config: Config) -> int:
+    from dispatcher.cli import build_job, parse_pairs, submit_and_report
+
+    params: dict[str, Any] = {
+        "strategy": args.strategy,
+        "symbol": args.symbol,
+        "timeframe": args.timeframe,
+        "strategy_params": parse_pairs(args.param or [], "--param"),
+        "initial_capital": args.capital,
+        "commission": args.commission,
+        "slippage": args.slippage,
+        "long_only": args.long_only,
+        "sizing": args.sizing,
+        "fraction": args.fraction,
+        "close_at_end": args.close_at_end,
+    }
+    if args.start:
+        params["start"] = args.start
+    if args.end:
+        params["end"] = args.end
+    job = build_job("backtest", params, args)
+    return await submit_and_report(job, args, config, render=print_backtest)
+
+
+def _format_metric(name: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if name in FRACTION_METRICS:
+        return f"{value * 100:,.2f} %"
+    if name in MONEY_METRICS:
+        return f"{value:,.2f}"
+    if name == "avg_holding_period":
+        return f"{value:,.1f} h"
+    if isinstance(value, float):
+        return f"{value:,.4f}"
+    return f"{value:,}"
+
+
+def _trade_row(trade: dict[str, Any]) -> str:
+    exit_time = trade.get("exit_time") or "(open)"
+    return (
+        f"  {trade.get('side', ''):<5} {trade.get('entry_time', '')[:19]:<19} → {exit_time[:19]:<19} "
+        f"{trade.get('units', 0):>8,} @ {trade.get('entry_price', 0):>10.4f} → "
+        f"{trade.get('exit_price') or 0:>10.4f}  pnl {trade.get('pnl') or 0:>12,.2f}"
+    )
+
+
+def print_backtest(record: OpRecord, out: TextIO = sys.stdout) -> None:
+    """The metrics table and the first and last trades of a completed backtest."""
+    result = record.result or {}
+    strategy = result.get("strategy", {})
+    label = strategy.get("label") if isinstance(strategy, dict) else strategy
+    period = result.get("period", {})
+    print(f"backtest {record.op_id}: {label} on {result.get('symbol')} {result.get('timeframe')}", file=out)
+    print(f"  data: {result.get('data_source', '')}", file=out)
+    if result.get("synthetic_data"):
+        print("  NOTE: these are generated demo bars, not market data.", file=out)
+    print(
+        f"  bars: {result.get('bars')}  from {period.get('first_bar')} to {period.get('last_bar')}", file=out
+    )
+    print("  metrics:", file=out)
+    for name, value in (result.get("metrics") or {}).items():
+        print(f"    {name:<24} {_format_metric(name, value):>18}", file=out)
+    preview = result.get("trades_preview") or {}
+    first, last = preview.get("first") or [], preview.get("last") or []
+    total = preview.get("total", len(first))
+    if first:
+        print(f"  first trades (of {total}):", file=out)
+        for trade in first:
+            print(_trade_row(trade), file=out)
+    if last and total > len(first):
+        print("  last trades:", file=out)
+        for trade in last:
+            print(_trade_row(trade), file=out)
+    if record.artifacts:
+        print("  artifacts (object store ktrdr_artifacts):", file=out)
+        for name, digest in record.artifacts.items():
+            print(f"    {name:<14} {digest}", file=out)
