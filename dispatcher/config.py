@@ -31,8 +31,21 @@ class NatsConfig(Struct, frozen=True, forbid_unknown_fields=True):
     runner_url: str = ""
     connect_timeout_s: Annotated[float, Meta(gt=0)] = 2.0
     store_dir: str = ""
-    events_max_age_s: Annotated[float, Meta(gt=0)] = 14 * 86_400.0
     dedupe_window_s: Annotated[float, Meta(gt=0)] = 600.0
+
+
+class RetentionConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """How long finished ops are kept; JetStream's own limits remove them afterwards.
+
+    ``ops_s``: a finished op record (per-message TTL on its terminal write; running ops
+    never expire). ``events_s``: the event stream (max age). ``artifacts_s``: the object
+    store. ``dead_letter_s``: dead-lettered jobs.
+    """
+
+    ops_s: Annotated[float, Meta(ge=1)] = 14 * 86_400.0
+    events_s: Annotated[float, Meta(ge=1)] = 14 * 86_400.0
+    artifacts_s: Annotated[float, Meta(ge=1)] = 30 * 86_400.0
+    dead_letter_s: Annotated[float, Meta(ge=1)] = 30 * 86_400.0
 
 
 class DockerConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -57,6 +70,10 @@ class DispatcherConfig(Struct, frozen=True, forbid_unknown_fields=True):
     data_dir: str = ""
     data_roots: list[str] = []
     result_deadline_s: Annotated[float, Meta(gt=0)] = 60.0
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    retry_backoff_s: Annotated[float, Meta(ge=0)] = 1.0
+    poison_after_failures: Annotated[int, Meta(ge=1)] = 3
+    log_lines_per_s: Annotated[int, Meta(ge=1)] = 200
 
 
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
@@ -66,6 +83,7 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     nats: NatsConfig = NatsConfig()
     docker: DockerConfig = DockerConfig()
     dispatcher: DispatcherConfig = DispatcherConfig()
+    retention: RetentionConfig = RetentionConfig()
     images: ImagesConfig = ImagesConfig()
 
     def state_path(self) -> Path:

@@ -84,7 +84,7 @@ class EmbeddedNats:
         conf = self._write_config()
         log_path = self.store_dir / "nats-server.log"
         with log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(  # noqa: ASYNC220 - a fast spawn; we poll it below
+            self.process = subprocess.Popen(  # noqa: ASYNC220 - a fast spawn; polled below
                 [nats_server_binary(), "-c", str(conf)],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 from urllib.parse import urlparse
@@ -91,7 +92,7 @@ def _stream_configs(config: Config) -> list[api.StreamConfig]:
             subjects=[f"{OPS_SUBJECT_ROOT}.>", f"{REJECTED_SUBJECT_ROOT}.>"],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
-            max_age=nats_cfg.events_max_age_s,
+            max_age=config.retention.events_s,
             allow_direct=True,
         ),
         api.StreamConfig(
@@ -99,7 +100,7 @@ def _stream_configs(config: Config) -> list[api.StreamConfig]:
             subjects=[f"{DEAD_LETTER_SUBJECT_ROOT}.>"],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
-            max_age=nats_cfg.events_max_age_s,
+            max_age=config.retention.dead_letter_s,
         ),
     ]
 
@@ -133,7 +134,13 @@ async def _ensure_stream(js: JetStreamContext, wanted: api.StreamConfig) -> None
 
 async def _ensure_kv(js: JetStreamContext, bucket: str, history: int, ttl_s: float | None) -> KeyValue:
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
+        stream = f"KV_{bucket}"
+        current = (await js.stream_info(stream)).config
+        if current.max_msgs_per_subject != history:
+            await js.update_stream(_replace_config(current, max_msgs_per_subject=history))
+            log.info("updated KV %s history to %d", bucket, history)
+        return kv
     except BucketNotFoundError:
         try:
             return await js.create_key_value(
@@ -143,16 +150,26 @@ async def _ensure_kv(js: JetStreamContext, bucket: str, history: int, ttl_s: flo
             return await js.key_value(bucket)
 
 
-async def _ensure_object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
+async def _ensure_object_store(js: JetStreamContext, bucket: str, ttl_s: float) -> ObjectStore:
     try:
-        return await js.object_store(bucket)
+        store = await js.object_store(bucket)
+        current = (await js.stream_info(f"OBJ_{bucket}")).config
+        if current.max_age != ttl_s:
+            await js.update_stream(_replace_config(current, max_age=ttl_s))
+            log.info("updated object store %s retention to %gs", bucket, ttl_s)
+        return store
     except (BucketNotFoundError, NotFoundError):
         try:
             return await js.create_object_store(
-                bucket, config=api.ObjectStoreConfig(bucket=bucket, storage=api.StorageType.FILE)
+                bucket, config=api.ObjectStoreConfig(bucket=bucket, ttl=ttl_s, storage=api.StorageType.FILE)
             )
         except BadRequestError:
             return await js.object_store(bucket)
+
+
+def _replace_config(config: api.StreamConfig, **changes: Any) -> api.StreamConfig:
+    """A copy of a stream config with ``changes`` applied."""
+    return dataclasses.replace(config, **changes)
 
 
 def dispatcher_consumer_config(config: Config) -> api.ConsumerConfig:
@@ -184,9 +201,10 @@ async def ensure_jetstream(nc: NATS, config: Config, *, with_consumer: bool = Fa
     try:
         for stream in _stream_configs(config):
             await _ensure_stream(js, stream)
-        ops = await _ensure_kv(js, OPS_BUCKET, history=5, ttl_s=None)
+        # history 1: when a finished record's TTL runs out, no older revision resurfaces
+        ops = await _ensure_kv(js, OPS_BUCKET, history=1, ttl_s=None)
         hosts = await _ensure_kv(js, HOSTS_BUCKET, history=1, ttl_s=None)
-        artifacts = await _ensure_object_store(js, ARTIFACTS_BUCKET)
+        artifacts = await _ensure_object_store(js, ARTIFACTS_BUCKET, config.retention.artifacts_s)
         if with_consumer:
             await js.add_consumer(JOBS_STREAM, dispatcher_consumer_config(config))
     except nats.js.errors.ServiceUnavailableError as exc:

@@ -7,11 +7,16 @@ terminal state succeeds at most once per op.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import Callable, Iterable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
@@ -32,18 +37,62 @@ log = logging.getLogger("ktrdr.ops")
 Mutation = Callable[[OpRecord], OpRecord | None]
 
 
-class OpStore:
-    """Reads and compare-and-set writes of op records."""
+# Errors that mean "NATS is unreachable right now", not "the request is wrong".
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
-    def __init__(self, kv: KeyValue, js: JetStreamContext):
+T = TypeVar("T")
+
+
+async def retrying(fn: Callable[[], Awaitable[T]], *, what: str, deadline_s: float = 600.0) -> T:
+    """Run ``fn`` until it succeeds, riding out NATS outages (backoff up to 2 s) for up to
+    ``deadline_s``; other errors propagate at once."""
+    give_up = time.monotonic() + deadline_s
+    delay_s = 0.1
+    while True:
+        try:
+            return await fn()
+        except TRANSIENT_ERRORS as exc:
+            if time.monotonic() >= give_up:
+                raise
+            log.info("%s: NATS unavailable (%s); retrying in %.1fs", what, type(exc).__name__, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)
+
+
+class OpStore:
+    """Reads and compare-and-set writes of op records.
+
+    Every call rides out short NATS outages. A record's terminal write carries a
+    per-message TTL of ``retention_s`` (when set): JetStream itself removes finished
+    records after that time; live records never expire.
+    """
+
+    def __init__(self, kv: KeyValue, js: JetStreamContext, *, retention_s: float | None = None):
         self.kv = kv
         self.js = js
+        self.retention_s = retention_s
 
     async def create(self, record: OpRecord) -> bool:
         """Create the record; False when an op with this id already exists (the claim)."""
-        try:
-            await self.kv.create(record.op_id, encode(record))
-        except KeyWrongLastSequenceError:
+        ttl = self.retention_s if record.terminal else None
+
+        async def create() -> bool:
+            try:
+                await self.kv.create(record.op_id, encode(record), msg_ttl=ttl)
+            except KeyWrongLastSequenceError:
+                return False
+            return True
+
+        if not await retrying(create, what=f"create op {record.op_id}"):
             return False
         await self._publish_status(record)
         return True
@@ -51,7 +100,7 @@ class OpStore:
     async def get(self, op_id: str) -> tuple[OpRecord, int]:
         """The record and its KV revision; OpNotFound if there is none."""
         try:
-            entry = await self.kv.get(op_id)
+            entry = await retrying(lambda: self.kv.get(op_id), what=f"read op {op_id}")
         except KeyNotFoundError:
             raise OpNotFound(op_id) from None
         if entry.value is None:
@@ -76,8 +125,13 @@ class OpStore:
             updated = mutate(current)
             if updated is None:
                 return None
+            ttl = self.retention_s if updated.terminal else None
             try:
-                await self.kv.update(op_id, encode(updated), last=revision)
+                # kv.update has no TTL argument; _update is what it calls, with one.
+                await retrying(
+                    functools.partial(self.kv._update, op_id, encode(updated), last=revision, msg_ttl=ttl),
+                    what=f"update op {op_id}",
+                )
                 return updated
             except KeyWrongLastSequenceError:
                 continue
@@ -121,12 +175,15 @@ class OpStore:
             attempt=record.attempts,
             message=message,
         )
-        await self.js.publish(op_subject(record.op_id, "status"), encode(event))
+        await retrying(
+            lambda: self.js.publish(op_subject(record.op_id, "status"), encode(event)),
+            what=f"publish status of {record.op_id}",
+        )
 
     async def list(self) -> list[OpRecord]:
         """Every op record in the bucket."""
         try:
-            keys = await self.kv.keys()
+            keys = await retrying(self.kv.keys, what="list ops")
         except NoKeysError:
             return []
         records = []

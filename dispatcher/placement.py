@@ -78,6 +78,14 @@ class Ledger:
         self._reservations[op_id] = reservation
         return reservation
 
+    def adopt(self, op_id: str, resources: Resources, host_name: str = "") -> Reservation:
+        """Reserve what an already running op holds (after a restart), fit or not."""
+        host = self._hosts.get(host_name) or next(iter(self._hosts.values()))
+        need_cpus, need_memory = _need(resources)
+        reservation = Reservation(op_id, host, need_cpus, need_memory)
+        self._reservations[op_id] = reservation
+        return reservation
+
     def release(self, op_id: str) -> None:
         """Free what the op held."""
         self._reservations.pop(op_id, None)

@@ -6,11 +6,16 @@ Flow of one job message::
           ─▶ claim the op in KV (kv.create; an existing op id is a duplicate → ack)
           ─▶ reserve capacity (no room → nak with delay: the job waits in JetStream)
           ─▶ placing → starting (create hardened container) → running (start)
-          ─▶ fold the op's events into its record while keeping the message's lease
-          ─▶ container exits (or times out / is cancelled) → inspect, log tail, remove
-          ─▶ exactly one terminal state (KV compare-and-set) → ack the job message
+          ─▶ follow: fold events into the record, stream output as log events, keep the
+             job message's lease, enforce timeout and cancel
+          ─▶ container exits → inspect, log tail → one terminal state (compare-and-set)
+          ─▶ remove the container → ack the job message
 
-Nothing of an op runs in this process.
+Infrastructure failures (image missing, engine refusing or unreachable) put the op back
+in the queue with backoff until ``max_attempts``; an op's own failure is final. A job
+message that keeps breaking the dispatcher goes to the dead-letter subject. On start the
+dispatcher reconciles with what is on the engine (:mod:`dispatcher.reconcile`). Nothing of
+an op runs in this process.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import stat
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,37 +41,42 @@ from nats.js import JetStreamContext
 
 from discovery.base import Host
 from dispatcher.config import Config
-from dispatcher.engine import RUNNER_USER, ContainerExit, DockerEngine, hardened_host_config
+from dispatcher.engine import RUNNER_USER, DockerEngine, hardened_host_config
 from dispatcher.errors import InfrastructureError, KtrdrError
 from dispatcher.jetstream import JetStreamHandles, dispatcher_consumer_config
-from dispatcher.opstore import OpStore
-from dispatcher.placement import Ledger, Reservation
+from dispatcher.logstream import stream_logs
+from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, retrying
+from dispatcher.outcome import OpRun, classify
+from dispatcher.placement import Ledger
 from runner import registry
 from runner.errors import DataError, InvalidParams, UnknownKind, describe_validation_error
 from runner.protocol import (
+    ACTIVE_STATES,
     DISPATCHER_CONSUMER,
     DISPATCHER_PING_SUBJECT,
     EVENTS_STREAM,
     JOBS_STREAM,
     JOBS_SUBJECT_ROOT,
     OPS_SUBJECT_ROOT,
-    CancelAckEvent,
     CancelIntent,
     CancelRequest,
+    DeadLetter,
     DispatcherInfo,
     ErrorEvent,
     ErrorInfo,
     Job,
+    LogEvent,
     OpRecord,
     ProgressEvent,
     ProgressSnapshot,
     Resources,
-    ResultEvent,
     RunnerSpec,
+    dead_letter_subject,
     encode,
     event_decoder,
     is_valid_id,
     job_decoder,
+    job_subject,
     now,
     op_events_filter,
     op_subject,
@@ -79,31 +88,10 @@ log = logging.getLogger("ktrdr.dispatcher")
 
 ImageProvider = Callable[[], str]
 NAK_DELAY_S = 1.0
+MAX_RETRY_DELAY_S = 60.0
 
 
-@dataclass
-class OpRun:
-    """What the dispatcher tracks about one op it is running."""
-
-    op_id: str
-    job: Job
-    msg: Msg
-    reservation: Reservation
-    container_id: str = ""
-    started_ts: float = 0.0
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    progress: ProgressSnapshot | None = None
-    progress_dirty: asyncio.Event = field(default_factory=asyncio.Event)
-    result: ResultEvent | None = None
-    error: ErrorEvent | None = None
-    cancel_ack: CancelAckEvent | None = None
-    cancel_requested: CancelRequest | None = None
-    forced: bool = False
-    timed_out: bool = False
-    removed: bool = False
-
-
-class Rejected(Exception):
+class Rejected(Exception):  # control flow inside the dispatcher, not an error name
     """A job message that can never run."""
 
     def __init__(self, message: str, *, field: str = "", error_type: str = "InvalidJob") -> None:
@@ -116,6 +104,20 @@ def _resolve_resources(job: Job, op: registry.Operation) -> Resources:
     """The job's resources, with the kind's defaults for what it left out."""
     return job.resources.resolved(
         msgspec.structs.replace(op.default_resources, gpu=op.default_resources.gpu or op.gpu)
+    )
+
+
+def job_from_record(record: OpRecord) -> Job:
+    """The job an op record was made from (to requeue it, or to follow an adopted op)."""
+    return Job(
+        job_id=record.op_id,
+        kind=record.kind,
+        params=record.params,
+        resources=record.resources,
+        timeout_s=record.timeout_s,
+        labels=record.labels,
+        submitted_by=record.submitted_by,
+        data_dir=record.data_dir,
     )
 
 
@@ -134,18 +136,20 @@ class Dispatcher:
         self.config = config
         self.nc = nc
         self.js: JetStreamContext = handles.js
-        self.store = OpStore(handles.ops, handles.js)
+        self.store = OpStore(handles.ops, handles.js, retention_s=config.retention.ops_s)
         self.engine = engine
+        self.host = host
         self.ledger = Ledger([host])
         self.dispatcher_id = config.dispatcher.dispatcher_id or f"{socket.gethostname()}-{os.getpid()}"
         self._image_provider = image
         self._image: str | None = None
         self._image_lock = asyncio.Lock()
-        self._runs: dict[str, OpRun] = {}
+        self.runs: dict[str, OpRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._runner_nats_url = ""
+        self._failures: dict[int, int] = {}
+        self.runner_nats_url = ""
         self._started_at = now()
         limit = config.dispatcher.max_concurrent_ops
         self.max_concurrent = limit or max(4, int(host.cpus * 8))
@@ -155,6 +159,8 @@ class Dispatcher:
     async def run(self, *, burst: bool = False, idle_s: float = 1.0) -> None:
         """Consume jobs until :meth:`stop`; with ``burst`` return once the queue is empty
         and every op this dispatcher started has finished (deterministic tests)."""
+        from dispatcher.reconcile import reconcile
+
         await self.js.add_consumer(JOBS_STREAM, dispatcher_consumer_config(self.config))
         psub = await self.js.pull_subscribe_bind(durable=DISPATCHER_CONSUMER, stream=JOBS_STREAM)
         subs = [
@@ -162,9 +168,10 @@ class Dispatcher:
             await self.nc.subscribe(f"{OPS_SUBJECT_ROOT}.*.cancel", cb=self._on_cancel),
         ]
         connected = self.nc.connected_url.geturl() if self.nc.connected_url else self.config.nats.url
-        self._runner_nats_url = self.config.nats.runner_url or await asyncio.to_thread(
+        self.runner_nats_url = self.config.nats.runner_url or await asyncio.to_thread(
             self.engine.runner_nats_url, connected
         )
+        await reconcile(self)
         log.info(
             "dispatcher %s ready on %s (max %d ops)",
             self.dispatcher_id,
@@ -173,17 +180,25 @@ class Dispatcher:
         )
         try:
             while not self._stopping.is_set():
-                if len(self._runs) >= self.max_concurrent:
+                if len(self.runs) >= self.max_concurrent:
                     await self._wait_for_slot(idle_s)
                     continue
                 try:
                     msgs = await psub.fetch(1, timeout=idle_s)
                 except TimeoutError:
-                    if burst and not self._runs and not self._tasks:
+                    if burst and not self.runs and not self._tasks:
                         break
                     continue
+                except TRANSIENT_ERRORS as exc:
+                    log.info(
+                        "dispatcher %s: NATS unavailable (%s); waiting",
+                        self.dispatcher_id,
+                        type(exc).__name__,
+                    )
+                    await asyncio.sleep(0.5)
+                    continue
                 for msg in msgs:
-                    if not await self._accept(msg):
+                    if not await self._accept_safely(msg):
                         await self._wait_for_slot(NAK_DELAY_S)
         finally:
             for sub in subs:
@@ -192,12 +207,19 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
             if self._tasks:
-                log.info("dispatcher %s waiting for %d running ops", self.dispatcher_id, len(self._runs))
+                log.info("dispatcher %s waiting for %d running ops", self.dispatcher_id, len(self.runs))
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def stop(self) -> None:
         """Stop taking jobs; :meth:`run` returns once running ops have finished."""
         self._stopping.set()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task :meth:`run` waits for before it returns."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _wait_for_slot(self, timeout_s: float) -> None:
         self._slot_freed.clear()
@@ -208,12 +230,51 @@ class Dispatcher:
         info = DispatcherInfo(
             dispatcher_id=self.dispatcher_id,
             host=self.engine.name,
-            running_ops=len(self._runs),
+            running_ops=len(self.runs),
             started_at=self._started_at,
         )
         await msg.respond(encode(info))
 
     # -- accepting a job ---------------------------------------------------------------
+
+    async def _accept_safely(self, msg: Msg) -> bool:
+        """Accept a job; a message that keeps breaking the dispatcher is dead-lettered."""
+        try:
+            return await self._accept(msg)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the queue
+            seq = msg.metadata.sequence.stream if msg.metadata else 0
+            failures = self._failures.get(seq, 0) + 1
+            self._failures[seq] = failures
+            reason = f"{type(exc).__name__}: {exc}"
+            if failures >= self.config.dispatcher.poison_after_failures:
+                await self._dead_letter(msg, reason, failures)
+            else:
+                log.warning("job message %d failed (%d time(s)): %s; retrying", seq, failures, reason)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=self._backoff_s(failures))
+            return True
+
+    async def _dead_letter(self, msg: Msg, reason: str, failures: int) -> None:
+        kind = msg.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
+        job_id, _ = _peek_ids(msg)
+        letter = DeadLetter(
+            subject=msg.subject,
+            reason=reason,
+            data=msg.data.decode("utf-8", "replace"),
+            deliveries=msg.metadata.num_delivered if msg.metadata else failures,
+            ts=now(),
+            job_id=job_id,
+            dispatcher=self.dispatcher_id,
+        )
+        log.error("job %s dead-lettered after %d failures: %s", job_id or msg.subject, failures, reason)
+        await retrying(lambda: self.js.publish(dead_letter_subject(kind), encode(letter)), what="dead letter")
+        if job_id:
+            event = ErrorEvent(op_id=job_id, ts=now(), reason="dead_letter", message=reason)
+            with contextlib.suppress(Exception):
+                await self.js.publish(op_subject(job_id, "error"), encode(event))
+        await msg.term()
+        if msg.metadata:
+            self._failures.pop(msg.metadata.sequence.stream, None)
 
     async def _accept(self, msg: Msg) -> bool:
         """Handle one job message; False when it was put back for lack of capacity."""
@@ -224,16 +285,11 @@ class Dispatcher:
             return True
         resources = _resolve_resources(job, op)
         if not self.ledger.can_ever_fit(resources):
-            await self._reject(
-                msg,
-                Rejected(
-                    f"no host can fit cpus={resources.cpus:g} memory_gb={resources.memory_gb:g} "
-                    f"(largest: {self.ledger.largest_host()})",
-                    field="resources",
-                    error_type="Unplaceable",
-                ),
-                job=job,
+            message = (
+                f"no host can fit cpus={resources.cpus:g} memory_gb={resources.memory_gb:g} "
+                f"(largest: {self.ledger.largest_host()})"
             )
+            await self._reject(msg, Rejected(message, field="resources", error_type="Unplaceable"), job=job)
             return True
         record = OpRecord(
             op_id=job.job_id,
@@ -248,12 +304,10 @@ class Dispatcher:
             timestamps={"queued": now()},
         )
         if not await self.store.create(record):
-            existing = await self.store.find(job.job_id)
-            if existing is None or existing.state != "queued":
+            existing, _ = await self.store.get(job.job_id)
+            if existing.state != "queued":
                 log.info(
-                    "op %s: duplicate job message (op is %s); not started again",
-                    job.job_id,
-                    existing.state if existing else "gone",
+                    "op %s: duplicate job message (op is %s); not started again", job.job_id, existing.state
                 )
                 await msg.ack()
                 return True
@@ -277,11 +331,11 @@ class Dispatcher:
             self.ledger.release(job.job_id)
             await msg.ack()
             return True
-        run = OpRun(op_id=job.job_id, job=job, msg=msg, reservation=reservation)
-        self._runs[run.op_id] = run
-        task = asyncio.create_task(self._run_op(run, claimed, op))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if msg.metadata:
+            self._failures.pop(msg.metadata.sequence.stream, None)
+        run = OpRun(op_id=job.job_id, job=job, msg=msg, reservation=reservation, attempt=claimed.attempts)
+        self.runs[run.op_id] = run
+        self.spawn(self._supervise(run, claimed, adopted=False))
         return True
 
     def _validate(self, msg: Msg) -> tuple[Job, registry.Operation]:
@@ -373,17 +427,21 @@ class Dispatcher:
         if record.cancel is None:
             try:
                 raw = await self.js.get_last_msg(EVENTS_STREAM, op_subject(record.op_id, "cancel"))
-            except Exception:
+            except Exception:  # noqa: BLE001 - no cancel request for this op
                 return False
             request = event_decoder.decode(raw.data or b"{}")
-            reason = request.reason if isinstance(request, CancelRequest) else ""
+            if not isinstance(request, CancelRequest):
+                return False
+            intent = CancelIntent(
+                requested_at=request.ts, reason=request.reason, requested_by=request.requested_by
+            )
         else:
-            reason = record.cancel.reason
+            intent = record.cancel
         done = await self.store.transition(
             record.op_id,
             "cancelled",
             allowed_from={"queued"},
-            cancel=CancelIntent(requested_at=now(), reason=reason, acked=False),
+            cancel=intent,
             message="cancelled before start; no container was created",
         )
         return done is not None
@@ -396,88 +454,187 @@ class Dispatcher:
                 self._image = await asyncio.to_thread(self._image_provider)
             return self._image
 
-    async def _run_op(self, run: OpRun, record: OpRecord, op: registry.Operation) -> None:
-        cfg = self.config.dispatcher
-        keepalive = asyncio.create_task(self._keep_lease(run.msg))
-        progress_writer = asyncio.create_task(self._write_progress(run))
-        sub = None
+    def _backoff_s(self, attempt: int) -> float:
+        return min(MAX_RETRY_DELAY_S, self.config.dispatcher.retry_backoff_s * 2 ** max(0, attempt - 1))
+
+    async def _supervise(self, run: OpRun, record: OpRecord, *, adopted: bool) -> None:
+        """Own one op until it is terminal or back in the queue; never leaves it hanging."""
+        keepalive = asyncio.create_task(self._keep_lease(run.msg)) if run.msg else None
         try:
-            sub = await self.nc.subscribe(
-                op_events_filter(run.op_id), cb=functools.partial(self._on_event, run)
-            )
-            image = await self._image_tag()
-            if run.cancel_requested is not None:
-                await self.store.transition(
-                    run.op_id,
-                    "cancelled",
-                    allowed_from={"placing"},
-                    cancel=CancelIntent(
-                        requested_at=run.cancel_requested.ts, reason=run.cancel_requested.reason
-                    ),
-                    message="cancelled before start; no container was created",
-                )
+            if not adopted and not await self._start_container(run, record):
                 return
-            spec = RunnerSpec(
-                op_id=run.op_id,
-                kind=run.job.kind,
-                params=run.job.params,
-                nats_url=self._runner_nats_url,
-                attempt=record.attempts,
-                heartbeat_s=cfg.heartbeat_s,
-                result_deadline_s=cfg.result_deadline_s,
-                host=run.reservation.host.name,
-            )
-            host_config = hardened_host_config(
-                self.engine.api,
-                record.resources,
-                pids_limit=cfg.pids_limit,
-                scratch_mb=cfg.scratch_mb,
-                data_dir=record.data_dir,
-            )
-            run.container_id = await self.engine.create(
-                image=image,
-                name=f"ktrdr-{run.op_id}-a{record.attempts}",
-                op_id=run.op_id,
-                kind=run.job.kind,
-                dispatcher_id=self.dispatcher_id,
-                spec_json=encode(spec).decode(),
-                host_config=host_config,
-            )
-            await self.store.transition(
-                run.op_id, "starting", allowed_from={"placing"}, image=image, container_id=run.container_id
-            )
-            run.started_ts = now()
-            await self.engine.start(run.container_id)
-            await self.store.transition(run.op_id, "running", allowed_from={"starting"})
-            exit_code = await self._wait_with_deadline(run)
-            ending = await self.engine.conclude(run.container_id, cfg.log_tail_lines)
-            await self._collect_outcome(run)
-            await self._finish(run, ending, exit_code)
-            await self.engine.remove(run.container_id)
-            run.removed = True
+            await self._watch(run)
         except InfrastructureError as exc:
-            await self._fail(run, "infrastructure", str(exc))
+            if "image missing" in str(exc):
+                self._image = None  # build or find it again on the next attempt
+            await self._retry_or_fail(run, str(exc))
         except KtrdrError as exc:
-            await self._fail(run, "infrastructure", str(exc))
+            await self._retry_or_fail(run, str(exc))
         except Exception as exc:
             log.exception("op %s: dispatcher error", run.op_id)
             await self._fail(run, "dispatcher_error", f"{type(exc).__name__}: {exc}")
         finally:
+            if keepalive is not None:
+                keepalive.cancel()
             if run.container_id and not run.removed:
                 with contextlib.suppress(Exception):
                     await self.engine.remove(run.container_id)
-            keepalive.cancel()
-            progress_writer.cancel()
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
             self.ledger.release(run.op_id)
-            self._runs.pop(run.op_id, None)
-            with contextlib.suppress(Exception):
-                await run.msg.ack()
+            self.runs.pop(run.op_id, None)
+            if run.msg is not None and not run.requeued:
+                with contextlib.suppress(Exception):
+                    await run.msg.ack()
             self._slot_freed.set()
 
-    async def _keep_lease(self, msg: Msg) -> None:
+    async def _start_container(self, run: OpRun, record: OpRecord) -> bool:
+        """placing → starting → running; False when the op was cancelled meanwhile."""
+        cfg = self.config.dispatcher
+        image = await self._image_tag()
+        if run.cancel_requested is not None:
+            await self.store.transition(
+                run.op_id,
+                "cancelled",
+                allowed_from={"placing"},
+                cancel=CancelIntent(requested_at=run.cancel_requested.ts, reason=run.cancel_requested.reason),
+                message="cancelled before start; no container was created",
+            )
+            return False
+        spec = RunnerSpec(
+            op_id=run.op_id,
+            kind=run.job.kind,
+            params=run.job.params,
+            nats_url=self.runner_nats_url,
+            attempt=record.attempts,
+            heartbeat_s=cfg.heartbeat_s,
+            result_deadline_s=cfg.result_deadline_s,
+            host=run.reservation.host.name,
+        )
+        host_config = hardened_host_config(
+            self.engine.api,
+            record.resources,
+            pids_limit=cfg.pids_limit,
+            scratch_mb=cfg.scratch_mb,
+            data_dir=record.data_dir,
+        )
+        run.container_id = await self.engine.create(
+            image=image,
+            name=f"ktrdr-{run.op_id}-a{record.attempts}",
+            op_id=run.op_id,
+            kind=run.job.kind,
+            dispatcher_id=self.dispatcher_id,
+            spec_json=encode(spec).decode(),
+            host_config=host_config,
+        )
+        await self.store.transition(
+            run.op_id, "starting", allowed_from={"placing"}, image=image, container_id=run.container_id
+        )
+        run.started_ts = now()
+        await self.engine.start(run.container_id)
+        run.running_ts = now()
+        await self.store.transition(run.op_id, "running", allowed_from={"starting"})
+        return True
+
+    async def _watch(self, run: OpRun) -> None:
+        """Follow a started container to its end, then record the outcome and remove it."""
+        cfg = self.config.dispatcher
+        sub = await self.nc.subscribe(op_events_filter(run.op_id), cb=functools.partial(self._on_event, run))
+        progress_writer = asyncio.create_task(self._write_progress(run))
+        logs = asyncio.create_task(self._stream_logs(run))
+        try:
+            exit_code = await self._wait_with_deadline(run)
+            ending = await self.engine.conclude(run.container_id, cfg.log_tail_lines)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(logs), 2.0)  # the last lines, as events
+            await self._collect_outcome(run)
+            state, fields = classify(run, ending, exit_code)
+            await self.store.transition(run.op_id, state, allowed_from=ACTIVE_STATES, **fields)
+            await self.engine.remove(run.container_id)
+            run.removed = True
+        finally:
+            progress_writer.cancel()
+            logs.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _stream_logs(self, run: OpRun) -> None:
+        def read_chunks() -> Any:
+            since_ts = run.logs_since or run.running_ts
+            since = int(since_ts) if since_ts else None
+            return self.engine.api.logs(
+                run.container_id, stream=True, follow=True, stdout=True, stderr=True, since=since
+            )
+
+        async def publish(event: LogEvent) -> None:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(op_subject(run.op_id, "log"), encode(event))
+
+        with contextlib.suppress(Exception):
+            await stream_logs(
+                read_chunks,
+                lambda fn: self.engine.call(fn),
+                run.op_id,
+                publish,
+                max_lines_per_s=self.config.dispatcher.log_lines_per_s,
+            )
+
+    async def _retry_or_fail(self, run: OpRun, reason: str) -> None:
+        """An infrastructure failure: back to the queue with backoff, or failed at the
+        last attempt with the last reason."""
+        if run.attempt >= self.config.dispatcher.max_attempts:
+            await self._fail(run, "infrastructure", f"{reason} (attempt {run.attempt} of {run.attempt})")
+            return
+        delay_s = self._backoff_s(run.attempt)
+        log.warning(
+            "op %s attempt %d failed (%s); retrying in %.1fs", run.op_id, run.attempt, reason, delay_s
+        )
+        if run.container_id and not run.removed:
+            with contextlib.suppress(Exception):
+                await self.engine.remove(run.container_id)
+            run.removed = True
+        await self.requeue(run.op_id, reason, allowed_from=ACTIVE_STATES, delay_s=delay_s, msg=run.msg)
+        run.requeued = run.msg is not None
+
+    async def requeue(
+        self,
+        op_id: str,
+        reason: str,
+        *,
+        allowed_from: set[str] | frozenset[str],
+        delay_s: float,
+        msg: Msg | None,
+        lost: bool = False,
+    ) -> None:
+        """Put an op back in the queue: its job message is nak'ed with a delay, or (when we
+        no longer hold it) the job is published again from the op record."""
+        if lost:
+            await self.store.transition(op_id, "lost", allowed_from=allowed_from, message=reason)
+            allowed_from = {"lost"}
+        record = await self.store.transition(
+            op_id,
+            "queued",
+            allowed_from=allowed_from,
+            error=ErrorInfo(reason="infrastructure" if not lost else "lost", message=reason),
+            container_id="",
+            message=f"requeued: {reason}",
+        )
+        if record is None:
+            return
+        if msg is not None:
+            await msg.nak(delay=delay_s)
+            return
+        job = job_from_record(record)
+        await retrying(
+            lambda: self.js.publish(
+                job_subject(job.kind),
+                encode(job),
+                headers={"Nats-Msg-Id": f"{op_id}-requeue-{record.attempts}"},
+            ),
+            what=f"requeue {op_id}",
+        )
+
+    async def _keep_lease(self, msg: Msg | None) -> None:
+        if msg is None:
+            return
         interval_s = self.config.dispatcher.ack_wait_s / 3
         while True:
             await asyncio.sleep(interval_s)
@@ -490,8 +647,9 @@ class Dispatcher:
         try:
             if timeout_s is None:
                 return await waiting
+            elapsed_s = now() - run.running_ts if run.running_ts else 0.0
             try:
-                return await asyncio.wait_for(asyncio.shield(waiting), timeout_s)
+                return await asyncio.wait_for(asyncio.shield(waiting), max(0.0, timeout_s - elapsed_s))
             except TimeoutError:
                 run.timed_out = True
                 log.info("op %s: timeout of %gs reached; stopping container", run.op_id, timeout_s)
@@ -514,12 +672,8 @@ class Dispatcher:
                 ts=event.ts,
             )
             run.progress_dirty.set()
-        elif isinstance(event, ResultEvent):
-            run.result = event
-        elif isinstance(event, ErrorEvent):
-            run.error = event
-        elif isinstance(event, CancelAckEvent):
-            run.cancel_ack = event
+        else:
+            run.note(event)
 
     async def _write_progress(self, run: OpRun) -> None:
         interval_s = self.config.dispatcher.progress_record_interval_s
@@ -539,82 +693,29 @@ class Dispatcher:
 
     async def _collect_outcome(self, run: OpRun) -> None:
         """Make sure the op's own outcome event is known: it was published with an ack
-        before the container exited, so the stream has it even if our subscription
-        has not delivered it yet."""
+        before the container exited, so the stream has it even if our subscription has
+        not delivered it (or the op was adopted after a restart)."""
         if run.result or run.error or run.cancel_ack:
             return
         for kind in ("result", "error", "cancel_ack"):
             try:
-                raw = await self.js.get_last_msg(EVENTS_STREAM, op_subject(run.op_id, kind))
-            except Exception:
+                raw = await retrying(
+                    functools.partial(self.js.get_last_msg, EVENTS_STREAM, op_subject(run.op_id, kind)),
+                    what=f"read {kind} of {run.op_id}",
+                    deadline_s=60.0,
+                )
+            except Exception:  # noqa: BLE001 - no such event
                 continue
             event = event_decoder.decode(raw.data or b"{}")
-            if event.ts < run.started_ts - 1.0:
-                continue  # from an earlier attempt
-            if isinstance(event, ResultEvent):
-                run.result = event
-            elif isinstance(event, ErrorEvent):
-                run.error = event
-            elif isinstance(event, CancelAckEvent):
-                run.cancel_ack = event
-
-    async def _finish(self, run: OpRun, ending: ContainerExit, exit_code: int) -> None:
-        common: dict[str, Any] = {"exit_code": exit_code, "log_tail": ending.log_tail}
-        if run.progress is not None:
-            common["progress"] = run.progress
-        active = {"running", "starting", "placing"}
-        if run.timed_out:
-            await self.store.transition(
-                run.op_id,
-                "timed_out",
-                allowed_from=active,
-                error=ErrorInfo(reason="timeout", message=f"timed out after {run.job.timeout_s:g}s"),
-                **common,
-            )
-        elif run.cancel_requested is not None or run.cancel_ack is not None:
-            intent = CancelIntent(
-                requested_at=run.cancel_requested.ts if run.cancel_requested else now(),
-                reason=run.cancel_requested.reason if run.cancel_requested else "",
-                acked=run.cancel_ack is not None,
-                forced=run.forced,
-            )
-            await self.store.transition(run.op_id, "cancelled", allowed_from=active, cancel=intent, **common)
-        elif exit_code == 0 and run.result is not None:
-            await self.store.transition(
-                run.op_id,
-                "completed",
-                allowed_from=active,
-                result=run.result.result,
-                artifacts=run.result.artifacts,
-                **common,
-            )
-        else:
-            if ending.oom_killed:
-                error = ErrorInfo(reason="oom_killed", message="the kernel killed the op: out of memory")
-            elif run.error is not None:
-                error = ErrorInfo(
-                    reason=run.error.reason,
-                    message=run.error.message,
-                    error_type=run.error.error_type,
-                    field=run.error.field,
-                    traceback=run.error.traceback,
-                )
-            elif exit_code == 0:
-                error = ErrorInfo(reason="no_result", message="the runner exited without publishing a result")
-            else:
-                tail = ending.log_tail[-1] if ending.log_tail else ""
-                error = ErrorInfo(
-                    reason="exit_nonzero",
-                    message=f"container exited with code {exit_code}: {tail}".rstrip(": "),
-                )
-            await self.store.transition(run.op_id, "failed", allowed_from=active, error=error, **common)
+            if event.ts >= run.started_ts - 1.0:  # not from an earlier attempt
+                run.note(event)
 
     async def _fail(self, run: OpRun, reason: str, message: str) -> None:
         log.warning("op %s failed (%s): %s", run.op_id, reason, message)
         await self.store.transition(
             run.op_id,
             "failed",
-            allowed_from={"queued", "placing", "starting", "running"},
+            allowed_from={"queued", *ACTIVE_STATES},
             error=ErrorInfo(reason=reason, message=message),
         )
 
@@ -626,9 +727,16 @@ class Dispatcher:
             request = event_decoder.decode(msg.data)
         except msgspec.DecodeError:
             request = CancelRequest(op_id=op_id, ts=now())
-        if not isinstance(request, CancelRequest):
-            return
-        run = self._runs.get(op_id)
+        if isinstance(request, CancelRequest):
+            await self.request_cancel(op_id, request)
+
+    async def request_cancel(self, op_id: str, request: CancelRequest) -> None:
+        """Record the cancel intent durably and enforce it: a queued op never starts; a
+        running one gets ``cancel_grace_s`` to acknowledge, then SIGTERM, then SIGKILL."""
+        intent = CancelIntent(
+            requested_at=request.ts, reason=request.reason, requested_by=request.requested_by
+        )
+        run = self.runs.get(op_id)
         if run is None:
             record = await self.store.find(op_id)
             if record is not None and record.state == "queued":
@@ -636,7 +744,7 @@ class Dispatcher:
                     op_id,
                     "cancelled",
                     allowed_from={"queued"},
-                    cancel=CancelIntent(requested_at=request.ts, reason=request.reason),
+                    cancel=intent,
                     message="cancelled before start; no container was created",
                 )
             return
@@ -645,17 +753,11 @@ class Dispatcher:
         run.cancel_requested = request
 
         def mutate(record: OpRecord) -> OpRecord | None:
-            if record.terminal:
-                return None
-            return msgspec.structs.replace(
-                record, cancel=CancelIntent(requested_at=request.ts, reason=request.reason)
-            )
+            return None if record.terminal else msgspec.structs.replace(record, cancel=intent)
 
         await self.store.update(op_id, mutate)
         log.info("op %s: cancel requested (%s)", op_id, request.reason or "no reason")
-        task = asyncio.create_task(self._enforce_cancel(run))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self._enforce_cancel(run))
 
     async def _enforce_cancel(self, run: OpRun) -> None:
         grace_s = self.config.dispatcher.cancel_grace_s

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_SPEC
     try:
         spec = spec_decoder.decode(raw)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any malformed spec is reported plainly
         print(f"error: {SPEC_ENV} is not a valid runner spec: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
     return asyncio.run(run_op(spec))

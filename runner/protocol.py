@@ -323,6 +323,24 @@ class RunnerSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
     host: str = ""
 
 
+class DeadLetter(Struct, frozen=True):
+    """A job message the dispatcher gave up on, published to ``ktrdr.dead.<kind>``."""
+
+    subject: str
+    reason: str
+    data: str
+    deliveries: int
+    ts: float
+    job_id: str = ""
+    dispatcher: str = ""
+
+
+def dead_letter_subject(kind: str) -> str:
+    """Where a job message of ``kind`` goes when it keeps failing."""
+    token = kind if re.fullmatch(KIND_PATTERN, kind or "") else "unknown"
+    return f"{DEAD_LETTER_SUBJECT_ROOT}.{token}"
+
+
 class DispatcherInfo(Struct, frozen=True, omit_defaults=True):
     """A dispatcher's answer to a ping."""
 

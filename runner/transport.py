@@ -1,8 +1,9 @@
 """Runs one op inside the container and reports it over JetStream.
 
-The op runs on a compute thread. Progress and logs reach the event loop through
-thread-safe slots and are published at most every ``progress_interval_s`` (a plain NATS
-publish: the event stream captures it; progress may be thinned, never flood). The
+The op runs on a compute thread. Progress reaches the event loop through a thread-safe
+latest-value slot and is published at most every ``progress_interval_s`` (a plain NATS
+publish: the event stream captures it; progress may be thinned, never flood). Logs go
+to the container's output, which the dispatcher streams as log events. The
 outcome (result, error, cancel_ack) is published with a JetStream acknowledgement and
 retried until ``result_deadline_s``, so a NATS outage does not lose it.
 """
@@ -10,7 +11,6 @@ retried until ``result_deadline_s``, so a NATS outage does not lose it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import signal
 import sys
@@ -34,7 +34,6 @@ from runner.protocol import (
     CancelRequest,
     ErrorEvent,
     HeartbeatEvent,
-    LogEvent,
     ProgressEvent,
     ProgressSnapshot,
     ResultEvent,
@@ -53,7 +52,6 @@ EXIT_OP_ERROR = 1
 EXIT_BAD_SPEC = 2
 EXIT_CANCELLED = 130
 TRACEBACK_TAIL_CHARS = 4000
-LOG_QUEUE_MAX = 1000
 DATA_DIR = Path("/data")  # where the dispatcher mounts the data directory, read-only
 
 
@@ -67,8 +65,6 @@ class NatsSink:
         self._spec = spec
         self._lock = threading.Lock()
         self._latest: ProgressSnapshot | None = None
-        self._logs: collections.deque[tuple[str, str]] = collections.deque(maxlen=LOG_QUEUE_MAX)
-        self._dropped_logs = 0
         self._wake = asyncio.Event()
         self._store: Any = None
 
@@ -80,12 +76,9 @@ class NatsSink:
         self._loop.call_soon_threadsafe(self._wake.set)
 
     def log(self, level: str, message: str) -> None:
+        # The container's output is the one log path: the dispatcher streams it as log
+        # events, so a line printed by the op and one logged through the SDK look alike.
         print(f"[{level}] {message}", file=sys.stderr, flush=True)
-        with self._lock:
-            if len(self._logs) == self._logs.maxlen:
-                self._dropped_logs += 1
-            self._logs.append((level, message))
-        self._loop.call_soon_threadsafe(self._wake.set)
 
     def artifact(self, name: str, object_name: str, data: bytes, content_type: str) -> None:
         future = asyncio.run_coroutine_threadsafe(self._put(object_name, data, name), self._loop)
@@ -105,7 +98,7 @@ class NatsSink:
         log.info("stored artifact %s as %s (%d bytes)", name, object_name, len(data))
 
     async def pump(self) -> None:
-        """Publish progress and logs until cancelled; throttled to progress_interval_s."""
+        """Publish progress until cancelled; at most once per progress_interval_s."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -113,19 +106,11 @@ class NatsSink:
             await asyncio.sleep(self._spec.progress_interval_s)
 
     async def flush(self) -> None:
-        """Publish whatever progress and logs are pending, now."""
+        """Publish the pending progress, now."""
         with self._lock:
             latest, self._latest = self._latest, None
-            logs = list(self._logs)
-            self._logs.clear()
-            dropped, self._dropped_logs = self._dropped_logs, 0
         op_id = self._spec.op_id
         try:
-            if dropped:
-                logs.insert(0, ("warning", f"{dropped} log lines dropped (log queue full)"))
-            for level, message in logs:
-                event = LogEvent(op_id=op_id, ts=now(), message=message, level=level)
-                await self._nc.publish(op_subject(op_id, "log"), encode(event))
             if latest is not None:
                 progress = ProgressEvent(
                     op_id=op_id,
@@ -136,7 +121,7 @@ class NatsSink:
                     metrics=latest.metrics,
                 )
                 await self._nc.publish(op_subject(op_id, "progress"), encode(progress))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - progress is best effort during an outage
             log.warning("progress publish failed (%s); will retry with newer progress", exc)
 
 
@@ -147,7 +132,7 @@ async def publish_acked(js: JetStreamContext, subject: str, payload: bytes, dead
         try:
             await js.publish(subject, payload, timeout=2.0)
             return True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is retried until the deadline
             if time.monotonic() >= deadline:
                 log.error("could not publish %s before the deadline: %s", subject, exc)
                 return False
@@ -186,7 +171,7 @@ async def run_op(spec: RunnerSpec) -> int:
         try:
             request = event_decoder.decode(msg.data)
             reason = request.reason if isinstance(request, CancelRequest) else ""
-        except Exception:
+        except Exception:  # noqa: BLE001 - a malformed request still means cancel
             reason = ""
         token.cancel(reason or "cancel requested")
 
@@ -196,7 +181,7 @@ async def run_op(spec: RunnerSpec) -> int:
     try:  # a cancel requested before we subscribed is still in the event stream
         await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "cancel"))
         token.cancel("cancel requested before start")
-    except Exception:
+    except Exception:  # noqa: BLE001 - no earlier cancel request
         pass
 
     async def heartbeat() -> None:
@@ -205,7 +190,7 @@ async def run_op(spec: RunnerSpec) -> int:
             event = HeartbeatEvent(op_id=op_id, ts=now(), uptime_s=time.monotonic() - started)
             try:
                 await nc.publish(op_subject(op_id, "heartbeat"), encode(event))
-            except Exception:
+            except Exception:  # noqa: BLE001 - heartbeats are best effort
                 pass
 
     pump = asyncio.create_task(sink.pump())
@@ -238,7 +223,7 @@ async def run_op(spec: RunnerSpec) -> int:
             op_id=op_id, ts=now(), reason="exit_nonzero", message=f"operation exited with code {code}"
         )
         outcome = (op_subject(op_id, "error"), encode(event))
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - every op failure becomes an error event
         code = EXIT_OP_ERROR
         event = ErrorEvent(
             op_id=op_id,
@@ -259,6 +244,6 @@ async def run_op(spec: RunnerSpec) -> int:
         code = code or EXIT_OP_ERROR
     try:
         await asyncio.wait_for(nc.drain(), timeout=5)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the outcome is already acknowledged
         await nc.close()
     return code

@@ -99,7 +99,7 @@ async def nats_server(tmp_state: Path) -> AsyncIterator[EmbeddedNats]:
     server = EmbeddedNats(tmp_state / "nats", free_port())
     try:
         await server.start()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to start means unavailable
         unavailable(f"nats-server could not start: {exc}")
     yield server
     await asyncio.to_thread(server.stop)

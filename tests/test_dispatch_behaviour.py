@@ -59,7 +59,7 @@ async def test_setup_is_idempotent_from_many_processes_and_updates_stale_config(
     changed = msgspec.structs.replace(
         config,
         dispatcher=msgspec.structs.replace(config.dispatcher, ack_wait_s=42.0),
-        nats=msgspec.structs.replace(config.nats, events_max_age_s=3600.0),
+        retention=msgspec.structs.replace(config.retention, events_s=3600.0),
     )
     await ensure_jetstream(nc, changed, with_consumer=True)
     assert (await js.consumer_info(JOBS_STREAM, DISPATCHER_CONSUMER)).config.ack_wait == 42.0

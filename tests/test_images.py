@@ -129,7 +129,7 @@ def client() -> Iterator[docker.DockerClient]:
     try:
         engine = docker.from_env()
         engine.ping()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means no engine
         message = f"no usable Docker engine ({exc}); run scripts/setup.sh to start one"
         if _in_ci():
             pytest.fail(message)

@@ -1,0 +1,117 @@
+"""What the dispatcher knows about one running op, and how an ended op is classified.
+
+:func:`classify` is a pure function: from what the container did (exit code, OOM flag,
+log tail) and what the runner said (result, error, cancel ack), one terminal state and
+the fields that go with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from dispatcher.engine import ContainerExit
+from dispatcher.placement import Reservation
+from runner.protocol import (
+    CancelAckEvent,
+    CancelIntent,
+    CancelRequest,
+    ErrorEvent,
+    ErrorInfo,
+    Job,
+    ProgressSnapshot,
+    ResultEvent,
+    now,
+)
+
+
+@dataclass
+class OpRun:
+    """One op this dispatcher is running or has adopted. ``msg`` is None for an op adopted
+    after a restart (its job message is no longer ours to acknowledge)."""
+
+    op_id: str
+    job: Job
+    msg: Msg | None
+    reservation: Reservation
+    attempt: int = 1
+    container_id: str = ""
+    started_ts: float = 0.0
+    running_ts: float = 0.0
+    logs_since: float = 0.0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: ProgressSnapshot | None = None
+    progress_dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    result: ResultEvent | None = None
+    error: ErrorEvent | None = None
+    cancel_ack: CancelAckEvent | None = None
+    cancel_requested: CancelRequest | None = None
+    forced: bool = False
+    timed_out: bool = False
+    removed: bool = False
+    requeued: bool = False
+
+    def note(self, event: Any) -> None:
+        """Keep an outcome event the runner published."""
+        if isinstance(event, ResultEvent):
+            self.result = event
+        elif isinstance(event, ErrorEvent):
+            self.error = event
+        elif isinstance(event, CancelAckEvent):
+            self.cancel_ack = event
+
+
+def classify(run: OpRun, ending: ContainerExit, exit_code: int) -> tuple[str, dict[str, Any]]:
+    """The op's terminal state and the record fields that go with it.
+
+    Order matters: a timeout we enforced wins; then a cancel the runner acknowledged; then
+    a clean result (an op that finished before a cancel took effect completed); then a
+    cancel we had to force; then the failures, the kernel's OOM kill told apart from our
+    own kill by the engine's OOMKilled flag.
+    """
+    fields: dict[str, Any] = {"exit_code": exit_code, "log_tail": ending.log_tail}
+    if run.progress is not None:
+        fields["progress"] = run.progress
+    requested = run.cancel_requested
+    intent = CancelIntent(
+        requested_at=requested.ts if requested else now(),
+        reason=requested.reason if requested else "",
+        requested_by=requested.requested_by if requested else "",
+        acked=run.cancel_ack is not None,
+        forced=run.forced and run.cancel_ack is None,
+    )
+    if run.timed_out:
+        timeout = run.job.timeout_s or 0.0
+        fields["error"] = ErrorInfo(reason="timeout", message=f"timed out after {timeout:g}s")
+        return "timed_out", fields
+    if run.cancel_ack is not None:
+        return "cancelled", {**fields, "cancel": intent}
+    if exit_code == 0 and run.result is not None:
+        return "completed", {**fields, "result": run.result.result, "artifacts": run.result.artifacts}
+    if requested is not None:
+        return "cancelled", {**fields, "cancel": intent}
+    if ending.oom_killed:
+        fields["error"] = ErrorInfo(
+            reason="oom_killed",
+            message="the kernel killed the op: it ran out of memory (raise resources.memory_gb)",
+        )
+    elif run.error is not None:
+        fields["error"] = ErrorInfo(
+            reason=run.error.reason,
+            message=run.error.message,
+            error_type=run.error.error_type,
+            field=run.error.field,
+            traceback=run.error.traceback,
+        )
+    elif exit_code == 0:
+        fields["error"] = ErrorInfo(
+            reason="no_result", message="the runner exited without publishing a result"
+        )
+    else:
+        last = ending.log_tail[-1] if ending.log_tail else ""
+        message = f"container exited with code {exit_code}" + (f": {last}" if last else "")
+        fields["error"] = ErrorInfo(reason="exit_nonzero", message=message)
+    return "failed", fields
