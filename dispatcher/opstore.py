@@ -188,7 +188,11 @@ class OpStore:
             return []
         records = []
         for key in keys:
-            record = await self.find(key)
+            try:
+                record = await self.find(key)
+            except msgspec.DecodeError as exc:
+                log.warning("op record %s is unreadable (%s); skipped", key, exc)
+                continue
             if record is not None:
                 records.append(record)
         return records

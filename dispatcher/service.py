@@ -171,7 +171,10 @@ class Dispatcher:
         self.runner_nats_url = self.config.nats.runner_url or await asyncio.to_thread(
             self.engine.runner_nats_url, connected
         )
-        await reconcile(self)
+        try:
+            await reconcile(self)
+        except Exception:  # serve the queue even if reconciliation broke
+            log.exception("dispatcher %s: reconciliation failed; continuing", self.dispatcher_id)
         log.info(
             "dispatcher %s ready on %s (max %d ops)",
             self.dispatcher_id,

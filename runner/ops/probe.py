@@ -3,7 +3,9 @@
 Operators run it to check a host: CPUs and the CPU quota, the memory and pids limits,
 the user, whether the root filesystem is read-only, capabilities, no-new-privileges and
 the GPUs visible. With ``hold_s`` it stays running that long, reporting progress and
-honouring cancel, to test cancellation and failover on a host.
+honouring cancel, to test cancellation and failover on a host. ``allocate_mb`` writes
+that much memory (to check the memory limit), ``ignore_cancel`` makes it deaf to cancel
+(to check forced kills), ``fail`` / ``exit_code`` make it fail.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +34,8 @@ class ProbeParams(Struct, frozen=True, forbid_unknown_fields=True):
     tick_s: Annotated[float, Meta(gt=0, le=60)] = 0.5
     fail: bool = False
     exit_code: Annotated[int, Meta(ge=0, le=255)] = 0
+    allocate_mb: Annotated[int, Meta(ge=0, le=1_048_576)] = 0
+    ignore_cancel: bool = False
 
 
 def _read(path: str) -> str | None:
@@ -153,10 +158,19 @@ def probe(ctx: OpContext, params: ProbeParams) -> dict[str, Any]:
     """Report what the container got; optionally hold, reporting progress."""
     report = inspect_container(ctx.scratch_dir)
     ctx.progress(0.0, "inspected container", step="inspect")
+    ctx.log(f"probe: uid={report['uid']} read_only_root={report['read_only_root']}")
+    if params.allocate_mb:
+        ctx.log(f"probe: allocating {params.allocate_mb} MiB")
+        blob = b"\x01" * (params.allocate_mb * 1024 * 1024)  # every page written
+        report["allocated_mb"] = len(blob) // (1024 * 1024)
+        del blob
     if params.hold_s > 0:
         ticks = max(1, round(params.hold_s / params.tick_s))
         for tick in range(1, ticks + 1):
-            ctx.sleep(params.hold_s / ticks)
+            if params.ignore_cancel:  # a runner that never honours cancel (to test forced kills)
+                time.sleep(params.hold_s / ticks)
+            else:
+                ctx.sleep(params.hold_s / ticks)
             ctx.progress(100.0 * tick / ticks, f"holding {tick}/{ticks}", step="hold", tick=tick)
     if params.fail:
         raise RuntimeError("probe asked to fail (fail=true)")
