@@ -14,23 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import bench_stack, percentile
 
-from discovery.docker_engines import engine_host
-from dispatcher.config import Config, DispatcherConfig, NatsConfig
-from dispatcher.embedded import EmbeddedNats, free_port
-from dispatcher.engine import RUNNER_USER, DockerEngine, connect_docker
-from dispatcher.images import ensure_runner_image
-from dispatcher.service import Dispatcher
+from dispatcher.config import DispatcherConfig
+from dispatcher.engine import RUNNER_USER
 from dispatcher.session import Session
 from runner.protocol import Job, Resources, StatusEvent
 
@@ -75,46 +67,24 @@ async def through_ktrdr(session: Session) -> float:
 
 
 async def main(runs: int) -> None:
-    state = Path(tempfile.mkdtemp(prefix="ktrdr-bench-"))
-    server = EmbeddedNats(state / "nats", free_port())
-    await server.start()
-    client = connect_docker()
-    engine = DockerEngine(client, name="local")
-    try:
-        image = ensure_runner_image(client, progress=lambda line: print(line, file=sys.stderr))
-        config = Config(
-            state_dir=str(state),
-            nats=NatsConfig(url=server.url, embedded=False),
-            dispatcher=DispatcherConfig(pids_limit=PIDS),
-        )
-        async with Session(config, need_dispatcher=False) as session:
-            assert session.nc is not None and session.handles is not None
-            host = engine_host(client)
-            dispatcher = Dispatcher(config, session.nc, session.handles, engine, host, lambda: image)
-            task = asyncio.create_task(dispatcher.run(idle_s=0.5))
-            # one warm-up of each, not counted
-            await asyncio.to_thread(raw_docker_run, image)
-            await through_ktrdr(session)
-            raw, ours = [], []
-            for _ in range(runs):
-                raw.append(await asyncio.to_thread(raw_docker_run, image))
-                ours.append(await through_ktrdr(session))
-            dispatcher.stop()
-            await task
-        raw_median, ours_median = statistics.median(raw), statistics.median(ours)
-        print(f"image                       {image}")
-        print(f"runs                        {runs} each, alternating, after one warm-up each")
-        print(f"raw docker run --rm median  {raw_median * 1000:8.1f} ms   (p90 {_p90(raw) * 1000:.1f} ms)")
-        print(f"ktrdr-run probe median      {ours_median * 1000:8.1f} ms   (p90 {_p90(ours) * 1000:.1f} ms)")
-        print(f"ratio ktrdr-run / raw       {ours_median / raw_median:8.2f}")
-    finally:
-        engine.close()
-        await asyncio.to_thread(server.stop)
-        shutil.rmtree(state, ignore_errors=True)
-
-
-def _p90(values: list[float]) -> float:
-    return sorted(values)[max(0, round(0.9 * len(values)) - 1)]
+    async with bench_stack(DispatcherConfig(pids_limit=PIDS)) as stack:
+        # one warm-up of each, not counted
+        await asyncio.to_thread(raw_docker_run, stack.image)
+        await through_ktrdr(stack.session)
+        raw, ours = [], []
+        for _ in range(runs):
+            raw.append(await asyncio.to_thread(raw_docker_run, stack.image))
+            ours.append(await through_ktrdr(stack.session))
+    raw_median, ours_median = statistics.median(raw), statistics.median(ours)
+    print(f"image                       {stack.image}")
+    print(f"runs                        {runs} each, alternating, after one warm-up each")
+    print(
+        f"raw docker run --rm median  {raw_median * 1000:8.1f} ms   (p90 {percentile(raw, 90) * 1000:.1f} ms)"
+    )
+    print(
+        f"ktrdr-run probe median      {ours_median * 1000:8.1f} ms   (p90 {percentile(ours, 90) * 1000:.1f} ms)"
+    )
+    print(f"ratio ktrdr-run / raw       {ours_median / raw_median:8.2f}")
 
 
 if __name__ == "__main__":
