@@ -78,12 +78,10 @@ async def main(runs: int) -> None:
     raw_median, ours_median = statistics.median(raw), statistics.median(ours)
     print(f"image                       {stack.image}")
     print(f"runs                        {runs} each, alternating, after one warm-up each")
-    print(
-        f"raw docker run --rm median  {raw_median * 1000:8.1f} ms   (p90 {percentile(raw, 90) * 1000:.1f} ms)"
-    )
-    print(
-        f"ktrdr-run probe median      {ours_median * 1000:8.1f} ms   (p90 {percentile(ours, 90) * 1000:.1f} ms)"
-    )
+    rows = (("raw docker run --rm", raw, raw_median), ("ktrdr-run probe", ours, ours_median))
+    for label, values, median in rows:
+        p90_ms = percentile(values, 90) * 1000
+        print(f"{label + ' median':<27} {median * 1000:8.1f} ms   (p90 {p90_ms:.1f} ms)")
     print(f"ratio ktrdr-run / raw       {ours_median / raw_median:8.2f}")
 
 

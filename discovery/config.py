@@ -75,7 +75,9 @@ def _check_name(name: str, what: str) -> None:
 def _check_engine(url: str, tls_ca: str, tls_cert: str, tls_key: str, tls_verify: bool, field: str) -> None:
     """Validate a Docker endpoint: its scheme, and the TLS files a tcp:// one needs."""
     if not url:
-        raise ValueError(f"{field}: a Docker URL is required (unix:///path, tcp://host:2376 or ssh://user@host)")
+        raise ValueError(
+            f"{field}: a Docker URL is required (unix:///path, tcp://host:2376 or ssh://user@host)"
+        )
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme not in ENGINE_SCHEMES:
         raise ValueError(f"{field}: {url!r} must start with unix://, tcp:// or ssh://")
@@ -159,7 +161,7 @@ class ProxmoxWorkerTag(Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     def __post_init__(self) -> None:
         if not self.tag:
-            raise ValueError("tag: a Proxmox tag is required (e.g. tag = \"ktrdr-worker\")")
+            raise ValueError('tag: a Proxmox tag is required (e.g. tag = "ktrdr-worker")')
         if not TAG_RE.fullmatch(self.tag):
             raise ValueError(
                 f"tag: {self.tag!r} is not a Proxmox tag (lower-case letters, digits and _ - + ., "
@@ -205,7 +207,7 @@ class ProxmoxConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
         if not self.host:
-            raise ValueError("host: the Proxmox API host is required (e.g. host = \"pve1.lab\")")
+            raise ValueError('host: the Proxmox API host is required (e.g. host = "pve1.lab")')
         if "://" in self.host or "/" in self.host:
             raise ValueError(f"host: {self.host!r} must be a host name or address, not a URL")
         if not re.fullmatch(r"[^@\s!]+@[^@\s!]+", self.user):
@@ -213,7 +215,9 @@ class ProxmoxConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
         if not self.token_name:
             raise ValueError("token_name: the API token id is required (the part after '!')")
         if not self.token_value:
-            raise ValueError('token_value: the API token secret is required; set token_value = "${PVE_TOKEN}"')
+            raise ValueError(
+                'token_value: the API token secret is required; set token_value = "${PVE_TOKEN}"'
+            )
         if self.ca_file and not self.verify_ssl:
             raise ValueError("ca_file: given, but verify_ssl = false would ignore it")
         if not self.workers:
@@ -246,7 +250,7 @@ class StaticGpuHost(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
         _check_engine(self.url, self.tls_ca, self.tls_cert, self.tls_key, self.tls_verify, "url")
         _check_nats_url(self.nats_url)
         if not self.gpus:
-            raise ValueError("gpus: a GPU host lists its GPUs (gpus = [{index = 0, model = \"...\"}])")
+            raise ValueError('gpus: a GPU host lists its GPUs (gpus = [{index = 0, model = "..."}])')
         _check_gpus(self.gpus)
 
 
