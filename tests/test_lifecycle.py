@@ -458,3 +458,43 @@ async def test_two_dispatchers_share_the_queue_without_duplicates(
     assert set(created.values()) == {1}, created
     leftover = docker_client.containers.list(all=True, filters={"label": LABEL_OP_ID})
     assert not [c for c in leftover if c.labels.get(LABEL_OP_ID) in ids]
+
+
+async def test_cancel_published_while_the_dispatcher_is_down_survives_its_restart(
+    config: Config,
+    tmp_state: Path,
+    runner_image: str,
+    docker_client: docker.DockerClient,
+    no_leftover_containers: None,
+    js_handles: JetStreamHandles,
+) -> None:
+    down_config = msgspec.structs.replace(
+        config, dispatcher=msgspec.structs.replace(config.dispatcher, dispatcher_id=f"{SESSION_TAG}-down")
+    )
+    config_path = write_config(down_config, tmp_state / "ktrdr-run.toml")
+    first = start_dispatcher_process(config_path, tmp_state / "dispatcher-1.log")
+    try:
+        job = {
+            "job_id": new_id("dur"),
+            "kind": "probe",
+            "params": {"hold_s": 120},
+            "resources": {"cpus": 0.2},
+        }
+        op_id = await publish_job(config.nats.url, job)
+        await wait_for_state(config.nats.url, op_id, {"running"}, timeout_s=60)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        await publish_cancel(config.nats.url, op_id, "while nobody watched")
+        await asyncio.sleep(1)
+        second = start_dispatcher_process(config_path, tmp_state / "dispatcher-2.log")
+        try:
+            record = await wait_for_state(config.nats.url, op_id, TERMINAL_STATES, timeout_s=60)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert record["state"] == "cancelled"
+    assert record["cancel"]["acked"] is True
+    assert record["cancel"]["reason"] == "while nobody watched"
