@@ -24,6 +24,7 @@ import msgspec
 from dispatcher.backtest_cli import add_backtest_parser
 from dispatcher.config import Config, load_config
 from dispatcher.errors import ConfigError, KtrdrError, OpNotFound
+from dispatcher.hosts_cli import add_hosts_parsers
 from dispatcher.session import Session, submitter
 from runner import registry
 from runner.errors import KtrdrRunnerError
@@ -473,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_images_build)
 
+    add_hosts_parsers(sub)
+
     p = sub.add_parser("schema", help="print the JSON Schema of jobs, events and op records")
     p.set_defaults(handler=cmd_schema)
     return parser
@@ -486,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
-        config = load_config(args.config)
+        config = None if getattr(args, "own_config", False) else load_config(args.config)
         result = args.handler(args, config)
         if isinstance(result, Awaitable):
             result = asyncio.run(result)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from discovery.config import DiscoveryConfig
 from dispatcher.errors import ConfigError
 from dispatcher.images import ImagesConfig
 
@@ -85,6 +86,7 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     dispatcher: DispatcherConfig = DispatcherConfig()
     retention: RetentionConfig = RetentionConfig()
     images: ImagesConfig = ImagesConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
 
     def state_path(self) -> Path:
         """The directory for local state (embedded NATS store, caches)."""
