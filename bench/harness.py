@@ -18,6 +18,7 @@ from discovery.docker_engines import engine_host
 from dispatcher.config import Config, DispatcherConfig, NatsConfig
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import DockerEngine, connect_docker
+from dispatcher.fleet import Fleet
 from dispatcher.images import ensure_runner_image
 from dispatcher.service import Dispatcher
 from dispatcher.session import Session
@@ -49,9 +50,8 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
         )
         async with Session(config, need_dispatcher=False) as session:
             assert session.nc is not None and session.handles is not None
-            dispatcher = Dispatcher(
-                config, session.nc, session.handles, engine, engine_host(client), lambda: image
-            )
+            fleet = Fleet.single(engine, engine_host(client))
+            dispatcher = Dispatcher(config, session.nc, session.handles, fleet, lambda: image)
             task = asyncio.create_task(dispatcher.run(idle_s=0.5))
             try:
                 yield Stack(session, image, dispatcher)

@@ -351,29 +351,28 @@ async def cmd_ops_cancel(args: argparse.Namespace, config: Config) -> int:
 
 
 async def cmd_dispatcher(args: argparse.Namespace, config: Config) -> int:
-    from discovery.docker_engines import engine_host
-    from dispatcher.engine import DockerEngine, connect_docker
+    from dispatcher.fleet import build_fleet
     from dispatcher.images import ensure_runner_image
     from dispatcher.service import Dispatcher
 
     async with Session(config, need_dispatcher=False, progress=print) as session:
         assert session.nc is not None and session.handles is not None
-        client = await asyncio.to_thread(connect_docker, config.docker.url, timeout_s=config.docker.timeout_s)
-        host = await asyncio.to_thread(engine_host, client, docker_url=config.docker.url)
-        engine = DockerEngine(client, name=host.name)
+        fleet, client = await build_fleet(config)
 
         def image() -> str:
+            if client is None:
+                raise ConfigError("no local Docker engine to build the runner image on")
             return ensure_runner_image(client, config=config.images, progress=print)
 
-        await asyncio.to_thread(image)
-        dispatcher = Dispatcher(config, session.nc, session.handles, engine, host, image)
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, dispatcher.stop)
         try:
+            await asyncio.to_thread(image)
+            dispatcher = Dispatcher(config, session.nc, session.handles, fleet, image, image_source=client)
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, dispatcher.stop)
             await dispatcher.run(burst=args.burst)
         finally:
-            engine.close()
+            fleet.close()
     return EXIT_OK
 
 

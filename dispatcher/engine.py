@@ -21,7 +21,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from dispatcher.errors import DockerUnavailable, InfrastructureError
+from dispatcher.errors import DockerUnavailable, EngineUnreachable, InfrastructureError
 from runner.protocol import LABEL_DISPATCHER, LABEL_KIND, LABEL_OP_ID, SPEC_ENV, Resources
 
 log = logging.getLogger("ktrdr.engine")
@@ -105,7 +105,7 @@ class DockerEngine:
         except docker.errors.APIError as exc:
             raise InfrastructureError(f"engine {self.name} refused: {exc.explanation or exc}") from None
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
-            raise InfrastructureError(f"engine {self.name} unreachable: {exc}") from None
+            raise EngineUnreachable(f"engine {self.name} unreachable: {exc}") from None
 
     def bridge_gateway(self) -> str:
         """The host's address on the default bridge, as containers see it (blocking)."""
@@ -196,6 +196,14 @@ class DockerEngine:
         except InfrastructureError as exc:
             if "No such container" not in str(exc) and "404" not in str(exc):
                 raise
+
+    async def alive(self) -> bool:
+        """Whether the engine answers a ping now."""
+        try:
+            await self.call(self.client.ping)
+            return True
+        except InfrastructureError:
+            return False
 
     def close(self) -> None:
         """Release the pool and the client."""

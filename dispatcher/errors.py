@@ -28,6 +28,10 @@ class InfrastructureError(KtrdrError):
     """The engine refused or failed to run a container; retryable."""
 
 
+class EngineUnreachable(InfrastructureError):
+    """The engine does not answer (its host may be gone)."""
+
+
 class OpNotFound(KtrdrError):
     """No op record has this id."""
 

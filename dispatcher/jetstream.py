@@ -35,6 +35,7 @@ from runner.protocol import (
     OPS_BUCKET,
     OPS_SUBJECT_ROOT,
     REJECTED_SUBJECT_ROOT,
+    RESERVATIONS_BUCKET,
 )
 
 log = logging.getLogger("ktrdr.jetstream")
@@ -188,10 +189,18 @@ def dispatcher_consumer_config(config: Config) -> api.ConsumerConfig:
 class JetStreamHandles:
     """The bound streams and buckets, ready to use."""
 
-    def __init__(self, js: JetStreamContext, ops: KeyValue, hosts: KeyValue, artifacts: ObjectStore):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        ops: KeyValue,
+        hosts: KeyValue,
+        reservations: KeyValue,
+        artifacts: ObjectStore,
+    ):
         self.js = js
         self.ops = ops
         self.hosts = hosts
+        self.reservations = reservations
         self.artifacts = artifacts
 
 
@@ -204,6 +213,7 @@ async def ensure_jetstream(nc: NATS, config: Config, *, with_consumer: bool = Fa
         # history 1: when a finished record's TTL runs out, no older revision resurfaces
         ops = await _ensure_kv(js, OPS_BUCKET, history=1, ttl_s=None)
         hosts = await _ensure_kv(js, HOSTS_BUCKET, history=1, ttl_s=None)
+        reservations = await _ensure_kv(js, RESERVATIONS_BUCKET, history=1, ttl_s=None)
         artifacts = await _ensure_object_store(js, ARTIFACTS_BUCKET, config.retention.artifacts_s)
         if with_consumer:
             await js.add_consumer(JOBS_STREAM, dispatcher_consumer_config(config))
@@ -212,4 +222,4 @@ async def ensure_jetstream(nc: NATS, config: Config, *, with_consumer: bool = Fa
             f"the NATS server at {nc.connected_url.netloc if nc.connected_url else '?'} has no JetStream "
             f"enabled ({exc}); start it with -js"
         ) from None
-    return JetStreamHandles(js, ops, hosts, artifacts)
+    return JetStreamHandles(js, ops, hosts, reservations, artifacts)

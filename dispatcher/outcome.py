@@ -13,7 +13,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from dispatcher.engine import ContainerExit
+from dispatcher.engine import ContainerExit, DockerEngine
 from dispatcher.placement import Reservation
 from runner.protocol import (
     CancelAckEvent,
@@ -37,6 +37,7 @@ class OpRun:
     job: Job
     msg: Msg | None
     reservation: Reservation
+    engine: DockerEngine
     attempt: int = 1
     container_id: str = ""
     started_ts: float = 0.0

@@ -1,16 +1,38 @@
 """Placement: which host an op goes to, and what is reserved where.
 
-Reservations here are this dispatcher's own ledger of what it started; capacity comes
-from the discovered hosts. Work that does not fit now stays in JetStream (the job
-message is nak'ed with a delay), never in dispatcher memory.
+Reservations live in KV ``ktrdr_reservations`` (one key per host: a map op id →
+reservation) and change only by compare-and-set, so several dispatchers never
+overcommit a host. Work that does not fit now stays in JetStream (its job message is
+nak'ed with a delay), never in dispatcher memory.
+
+Ranking (:func:`rank_hosts`) is a pure function:
+
+- ``gpu: required`` — only hosts with enough usable, unreserved GPUs;
+- ``gpu: preferred`` — those GPU hosts first, then any host without a GPU (CPU fallback);
+- ``gpu: never`` — hosts without GPUs first, GPU hosts last (kept for GPU work);
+- within each group, least load first (reserved CPUs after placement / CPUs).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
 from discovery.base import Host
-from runner.protocol import Resources
+from discovery.gpu import gpu_device_ids
+from discovery.health import kv_key
+from dispatcher.opstore import retrying
+from runner.protocol import HostReservation, HostReservations, Resources, now
+
+log = logging.getLogger("ktrdr.placement")
+
+_decoder = msgspec.json.Decoder(HostReservations)
+GpuUsable = Callable[[Host], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,75 +43,206 @@ class Reservation:
     host: Host
     cpus: float
     memory_bytes: int
+    gpu_ids: tuple[str, ...] = ()
 
 
-def _need(resources: Resources) -> tuple[float, int]:
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What is reserved on a host now."""
+
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    gpu_ids: frozenset[str] = frozenset()
+    ops: int = 0
+
+
+def usage_of(reservations: HostReservations) -> Usage:
+    """Sum a host's reservations."""
+    return Usage(
+        cpus=sum(r.cpus for r in reservations.values()),
+        memory_bytes=sum(r.memory_bytes for r in reservations.values()),
+        gpu_ids=frozenset(g for r in reservations.values() for g in r.gpu_ids),
+        ops=len(reservations),
+    )
+
+
+def need_of(resources: Resources) -> tuple[float, int]:
     """CPUs and memory bytes of resolved resources."""
     return float(resources.cpus or 0.0), int((resources.memory_gb or 0.0) * 1024**3)
 
 
-class Ledger:
-    """Free capacity per host, and the reservations against it."""
+def gpus_needed(resources: Resources) -> int:
+    """GPUs an op takes when it is placed on a GPU host (0 for ``gpu: never``)."""
+    return 0 if resources.gpu == "never" else max(1, resources.gpus or 0)
 
-    def __init__(self, hosts: list[Host]) -> None:
-        self._hosts = {host.name: host for host in hosts}
-        self._reservations: dict[str, Reservation] = {}
 
-    @property
-    def hosts(self) -> list[Host]:
-        """Every known host."""
-        return list(self._hosts.values())
+def _max_ops(host: Host) -> int:
+    try:
+        return int(host.labels.get("max_ops", "0") or 0)
+    except ValueError:
+        return 0
 
-    def used(self, host_name: str) -> tuple[float, int]:
-        """CPUs and memory bytes reserved on a host."""
-        cpus, memory = 0.0, 0
-        for res in self._reservations.values():
-            if res.host.name == host_name:
-                cpus += res.cpus
-                memory += res.memory_bytes
-        return cpus, memory
 
-    def can_ever_fit(self, resources: Resources) -> bool:
-        """Whether some host could run this op when idle."""
-        need_cpus, need_memory = _need(resources)
-        return any(h.cpus >= need_cpus and h.memory_bytes >= need_memory for h in self._hosts.values())
+def rank_hosts(
+    hosts: Iterable[Host],
+    usage: Callable[[str], Usage],
+    resources: Resources,
+    gpu_usable: GpuUsable,
+) -> list[tuple[Host, tuple[str, ...]]]:
+    """Hosts the op fits on now, best first, each with the GPU ids it would take."""
+    need_cpus, need_memory = need_of(resources)
+    gpu_first: list[tuple[float, Host, tuple[str, ...]]] = []
+    plain: list[tuple[float, Host, tuple[str, ...]]] = []
+    gpu_last: list[tuple[float, Host, tuple[str, ...]]] = []
+    for host in hosts:
+        used = usage(host.name)
+        limit = _max_ops(host)
+        if limit and used.ops >= limit:
+            continue
+        if used.cpus + need_cpus > host.cpus + 1e-9 or used.memory_bytes + need_memory > host.memory_bytes:
+            continue
+        load = (used.cpus + need_cpus) / host.cpus if host.cpus else 1.0
+        has_gpus = bool(host.gpus) and gpu_usable(host)
+        free = [g for g in gpu_device_ids(host.gpus) if g not in used.gpu_ids] if has_gpus else []
+        wanted = gpus_needed(resources)
+        if resources.gpu in ("required", "preferred") and has_gpus and len(free) >= wanted:
+            gpu_first.append((load, host, tuple(free[:wanted])))
+        elif resources.gpu == "preferred" and not host.gpus:
+            plain.append((load, host, ()))
+        elif resources.gpu == "never":
+            (gpu_last if host.gpus else plain).append((load, host, ()))
+    groups = [gpu_first, plain, gpu_last]
+    return [(host, gpus) for group in groups for _load, host, gpus in sorted(group, key=lambda x: x[0])]
 
-    def largest_host(self) -> str:
-        """A description of the biggest host, for error messages."""
-        if not self._hosts:
-            return "no hosts"
-        big = max(self._hosts.values(), key=lambda h: (h.cpus, h.memory_bytes))
-        return f"{big.name}: {big.cpus:g} cpus, {big.memory_bytes / 1024**3:.1f} GiB"
 
-    def reserve(self, op_id: str, resources: Resources) -> Reservation | None:
-        """Reserve room for the op on the least-loaded host it fits on, or None."""
-        need_cpus, need_memory = _need(resources)
-        best: tuple[float, Host] | None = None
-        for host in self._hosts.values():
-            cpus, memory = self.used(host.name)
-            if cpus + need_cpus > host.cpus + 1e-9 or memory + need_memory > host.memory_bytes:
-                continue
-            load = (cpus + need_cpus) / host.cpus
-            if best is None or load < best[0]:
-                best = (load, host)
-        if best is None:
-            return None
-        reservation = Reservation(op_id, best[1], need_cpus, need_memory)
-        self._reservations[op_id] = reservation
-        return reservation
+def why_never_placeable(hosts: list[Host], resources: Resources, gpu_usable: GpuUsable) -> str:
+    """Why no host could ever run this op, even idle ("" when some host could)."""
+    need_cpus, need_memory = need_of(resources)
+    if not hosts:
+        return "no hosts are available"
+    big_enough = [h for h in hosts if h.cpus >= need_cpus and h.memory_bytes >= need_memory]
+    if not big_enough:
+        big = max(hosts, key=lambda h: (h.cpus, h.memory_bytes))
+        return (
+            f"no host can fit cpus={need_cpus:g} memory_gb={need_memory / 1024**3:g} "
+            f"(largest: {big.name}: {big.cpus:g} cpus, {big.memory_bytes / 1024**3:.1f} GiB)"
+        )
+    if resources.gpu == "required":
+        wanted = gpus_needed(resources)
+        gpu_hosts = [h for h in big_enough if h.gpus and gpu_usable(h)]
+        if not gpu_hosts:
+            return "gpu: required, but no GPU capacity exists (no available host has a usable GPU)"
+        if not any(len(h.gpus) >= wanted for h in gpu_hosts):
+            most = max(len(h.gpus) for h in gpu_hosts)
+            return f"gpu: required with gpus={wanted}, but no host has more than {most} GPU(s)"
+    return ""
 
-    def adopt(self, op_id: str, resources: Resources, host_name: str = "") -> Reservation:
-        """Reserve what an already running op holds (after a restart), fit or not."""
-        host = self._hosts.get(host_name) or next(iter(self._hosts.values()))
-        need_cpus, need_memory = _need(resources)
-        reservation = Reservation(op_id, host, need_cpus, need_memory)
-        self._reservations[op_id] = reservation
-        return reservation
 
-    def release(self, op_id: str) -> None:
+class Placement:
+    """Reservations in KV, changed by compare-and-set."""
+
+    def __init__(self, kv: KeyValue, dispatcher_id: str) -> None:
+        self.kv = kv
+        self.dispatcher_id = dispatcher_id
+        self._cache: dict[str, Usage] = {}
+
+    async def _read(self, host_name: str) -> tuple[HostReservations, int]:
+        try:
+            entry = await retrying(
+                lambda: self.kv.get(kv_key(host_name)), what=f"read reservations of {host_name}"
+            )
+        except KeyNotFoundError:
+            return {}, 0
+        if not entry.value:
+            return {}, int(entry.revision or 0)
+        return _decoder.decode(entry.value), int(entry.revision or 0)
+
+    async def _write(self, host_name: str, reservations: HostReservations, revision: int) -> bool:
+        data = msgspec.json.encode(reservations)
+        try:
+            if revision:
+                await retrying(
+                    lambda: self.kv.update(kv_key(host_name), data, last=revision), what="write reservations"
+                )
+            else:
+                await retrying(lambda: self.kv.create(kv_key(host_name), data), what="create reservations")
+        except KeyWrongLastSequenceError:
+            return False
+        self._cache[host_name] = usage_of(reservations)
+        return True
+
+    async def refresh_usage(self, hosts: Iterable[Host]) -> None:
+        """Read what is reserved on each host (before ranking)."""
+        for host in hosts:
+            reservations, _ = await self._read(host.name)
+            self._cache[host.name] = usage_of(reservations)
+
+    def usage(self, host_name: str) -> Usage:
+        """What was reserved on a host at the last read or write."""
+        return self._cache.get(host_name, Usage())
+
+    async def reserve(
+        self, op_id: str, resources: Resources, hosts: list[Host], gpu_usable: GpuUsable
+    ) -> Reservation | None:
+        """Reserve room for the op on the best host it fits on now, or None."""
+        await self.refresh_usage(hosts)
+        for host, gpu_ids in rank_hosts(hosts, self.usage, resources, gpu_usable):
+            for _ in range(8):  # compare-and-set: re-read and re-check on conflict
+                reservations, revision = await self._read(host.name)
+                self._cache[host.name] = usage_of(reservations)
+                fits = rank_hosts([host], self.usage, resources, gpu_usable)
+                if not fits:
+                    break
+                gpu_ids = fits[0][1]
+                need_cpus, need_memory = need_of(resources)
+                reservations[op_id] = HostReservation(
+                    cpus=need_cpus,
+                    memory_bytes=need_memory,
+                    gpu_ids=list(gpu_ids),
+                    dispatcher=self.dispatcher_id,
+                    ts=now(),
+                )
+                if await self._write(host.name, reservations, revision):
+                    return Reservation(op_id, host, need_cpus, need_memory, gpu_ids)
+        return None
+
+    async def adopt(
+        self, op_id: str, resources: Resources, host: Host, gpu_ids: tuple[str, ...] = ()
+    ) -> Reservation:
+        """Hold what an already running op holds (after a restart), fit or not."""
+        need_cpus, need_memory = need_of(resources)
+        while True:
+            reservations, revision = await self._read(host.name)
+            if op_id in reservations:
+                gpu_ids = tuple(reservations[op_id].gpu_ids)
+                break
+            reservations[op_id] = HostReservation(
+                cpus=need_cpus,
+                memory_bytes=need_memory,
+                gpu_ids=list(gpu_ids),
+                dispatcher=self.dispatcher_id,
+                ts=now(),
+            )
+            if await self._write(host.name, reservations, revision):
+                break
+        return Reservation(op_id, host, need_cpus, need_memory, gpu_ids)
+
+    async def release(self, reservation: Reservation) -> None:
         """Free what the op held."""
-        self._reservations.pop(op_id, None)
+        await self.drop(reservation.host.name, {reservation.op_id})
 
-    def running_on(self, host_name: str) -> int:
-        """How many ops hold a reservation on a host."""
-        return sum(1 for r in self._reservations.values() if r.host.name == host_name)
+    async def drop(self, host_name: str, op_ids: set[str]) -> None:
+        """Remove these ops' reservations from a host."""
+        while True:
+            reservations, revision = await self._read(host_name)
+            if not op_ids & reservations.keys():
+                return
+            for op_id in op_ids:
+                reservations.pop(op_id, None)
+            if await self._write(host_name, reservations, revision):
+                return
+
+    async def reserved_ops(self, host_name: str) -> set[str]:
+        """Ops holding a reservation on a host."""
+        reservations, _ = await self._read(host_name)
+        return set(reservations)

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from discovery.base import DiscoveryError, Host
+from dispatcher.engine import DockerEngine
+from dispatcher.errors import KtrdrError
 from runner.protocol import (
     ACTIVE_STATES,
     DISPATCHER_PING_SUBJECT,
@@ -57,67 +60,93 @@ async def live_dispatchers(nc: Any, timeout_s: float = 0.5) -> set[str]:
 
 
 async def reconcile(d: Dispatcher) -> None:
-    """Adopt, reap and requeue, as the module says."""
-    from dispatcher.outcome import OpRun
-    from dispatcher.service import job_from_record
-
+    """Adopt, reap and requeue on every host we can reach, as the module says."""
     live = await live_dispatchers(d.nc) - {d.dispatcher_id}
-    containers: list[dict[str, Any]] = await d.engine.call(
-        d.engine.api.containers, all=True, filters={"label": LABEL_OP_ID}
-    )
     adopted: set[str] = set()
-    for container in containers:
-        labels = container.get("Labels") or {}
-        op_id, owner, cid = labels.get(LABEL_OP_ID, ""), labels.get(LABEL_DISPATCHER, ""), container["Id"]
-        if owner in live:
-            continue
-        record = await d.store.find(op_id)
-        if record is None or record.terminal or record.container_id != cid:
-            why = (
-                "no op record" if record is None else (record.state if record.terminal else "another attempt")
+    checked: set[str] = set()
+    for host in d.fleet.hosts():
+        try:
+            engine = await d.fleet.engine(host)
+            containers: list[dict[str, Any]] = await engine.call(
+                engine.api.containers, all=True, filters={"label": LABEL_OP_ID}
             )
-            log.info("removing container %s of op %s (%s)", cid[:12], op_id, why)
-            await d.engine.remove(cid)
+        except (KtrdrError, DiscoveryError) as exc:
+            log.warning("reconcile: host %s unreachable (%s); skipped", host.name, exc)
             continue
+        checked.add(host.name)
+        for container in containers:
+            if await _reconcile_container(d, host, engine, container, live):
+                adopted.add(container["Labels"][LABEL_OP_ID])
 
-        def claim(current: OpRecord, cid: str = cid) -> OpRecord | None:
-            if current.terminal or current.container_id != cid or current.dispatcher in live:
-                return None
-            return msgspec.structs.replace(current, dispatcher=d.dispatcher_id)
-
-        claimed = await d.store.update(op_id, claim)
-        if claimed is None:
-            continue
-        if container.get("State") == "created":  # created, never started: start over
-            await d.engine.remove(cid)
-            await requeue_lost(d, claimed, "its dispatcher died before starting the container")
-            adopted.add(op_id)
-            continue
-        log.info("op %s: adopting container %s (%s)", op_id, cid[:12], container.get("State"))
-        run = OpRun(
-            op_id=op_id,
-            job=job_from_record(claimed),
-            msg=None,
-            reservation=d.ledger.adopt(op_id, claimed.resources),
-            attempt=claimed.attempts,
-            container_id=cid,
-            started_ts=claimed.timestamps.get("starting", 0.0),
-            running_ts=claimed.timestamps.get("running", 0.0),
-            logs_since=now(),
-        )
-        d.runs[op_id] = run
-        adopted.add(op_id)
-        d.spawn(d._supervise(run, claimed, adopted=True))
-        request = await _pending_cancel(d, claimed, run.started_ts)
-        if request is not None:
-            await d.request_cancel(op_id, request)
-
+    down = {h.name for h in d.fleet.all_hosts()} - checked
     for record in await d.store.list():
         if record.state not in ACTIVE_STATES or record.op_id in adopted or record.dispatcher in live:
             continue
-        if record.host and record.host != d.host.name:
-            continue  # placed on another engine: that engine's dispatcher decides
-        await requeue_lost(d, record, "its container vanished while no dispatcher watched it")
+        if record.host in checked:
+            await requeue_lost(d, record, "its container vanished while no dispatcher watched it")
+        elif record.host in down:
+            await requeue_lost(d, record, f"its host {record.host} does not answer")
+
+    for host_name in checked:  # reservations of ops nobody runs any more
+        stale = set()
+        for op_id in await d.placement.reserved_ops(host_name):
+            holder = await d.store.find(op_id)
+            if holder is None or holder.terminal or (holder.dispatcher not in live and op_id not in d.runs):
+                stale.add(op_id)
+        if stale:
+            log.info("reconcile: dropping %d stale reservation(s) on %s", len(stale), host_name)
+            await d.placement.drop(host_name, stale)
+
+
+async def _reconcile_container(
+    d: Dispatcher, host: Host, engine: DockerEngine, container: dict[str, Any], live: set[str]
+) -> bool:
+    """Reap or adopt one labelled container; True when its op is now ours."""
+    from dispatcher.outcome import OpRun
+    from dispatcher.service import job_from_record
+
+    labels = container.get("Labels") or {}
+    op_id, owner, cid = labels.get(LABEL_OP_ID, ""), labels.get(LABEL_DISPATCHER, ""), container["Id"]
+    if owner in live:
+        return False
+    record = await d.store.find(op_id)
+    if record is None or record.terminal or record.container_id != cid:
+        why = "no op record" if record is None else (record.state if record.terminal else "another attempt")
+        log.info("removing container %s of op %s on %s (%s)", cid[:12], op_id, host.name, why)
+        await engine.remove(cid)
+        return False
+
+    def claim(current: OpRecord) -> OpRecord | None:
+        if current.terminal or current.container_id != cid or current.dispatcher in live:
+            return None
+        return msgspec.structs.replace(current, dispatcher=d.dispatcher_id)
+
+    claimed = await d.store.update(op_id, claim)
+    if claimed is None:
+        return False
+    if container.get("State") == "created":  # created, never started: start over
+        await engine.remove(cid)
+        await requeue_lost(d, claimed, "its dispatcher died before starting the container")
+        return True
+    log.info("op %s: adopting container %s on %s (%s)", op_id, cid[:12], host.name, container.get("State"))
+    run = OpRun(
+        op_id=op_id,
+        job=job_from_record(claimed),
+        msg=None,
+        reservation=await d.placement.adopt(op_id, claimed.resources, host),
+        engine=engine,
+        attempt=claimed.attempts,
+        container_id=cid,
+        started_ts=claimed.timestamps.get("starting", 0.0),
+        running_ts=claimed.timestamps.get("running", 0.0),
+        logs_since=now(),
+    )
+    d.runs[op_id] = run
+    d.spawn(d._supervise(run, claimed, adopted=True))
+    request = await _pending_cancel(d, claimed, run.started_ts)
+    if request is not None:
+        await d.request_cancel(op_id, request)
+    return True
 
 
 async def requeue_lost(d: Dispatcher, record: OpRecord, why: str) -> None:

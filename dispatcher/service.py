@@ -34,20 +34,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import docker
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from discovery.base import Host
+from discovery.base import DiscoveryError
+from discovery.config import redact_url
+from discovery.gpu import device_requests, is_no_gpu_runtime_error
+from discovery.health import GpuSnapshot, HostSnapshot, publish_snapshot
 from dispatcher.config import Config
 from dispatcher.engine import RUNNER_USER, DockerEngine, hardened_host_config
-from dispatcher.errors import InfrastructureError, KtrdrError
+from dispatcher.errors import EngineUnreachable, InfrastructureError, KtrdrError
+from dispatcher.fleet import Fleet
 from dispatcher.jetstream import JetStreamHandles, dispatcher_consumer_config
 from dispatcher.logstream import stream_logs
 from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, retrying
 from dispatcher.outcome import OpRun, classify
-from dispatcher.placement import Ledger
+from dispatcher.placement import Placement, why_never_placeable
 from runner import registry
 from runner.errors import DataError, InvalidParams, UnknownKind, describe_validation_error
 from runner.protocol import (
@@ -129,30 +134,33 @@ class Dispatcher:
         config: Config,
         nc: NATS,
         handles: JetStreamHandles,
-        engine: DockerEngine,
-        host: Host,
+        fleet: Fleet,
         image: ImageProvider,
+        *,
+        image_source: docker.DockerClient | None = None,
     ) -> None:
         self.config = config
         self.nc = nc
         self.js: JetStreamContext = handles.js
         self.store = OpStore(handles.ops, handles.js, retention_s=config.retention.ops_s)
-        self.engine = engine
-        self.host = host
-        self.ledger = Ledger([host])
+        self.fleet = fleet
         self.dispatcher_id = config.dispatcher.dispatcher_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.placement = Placement(handles.reservations, self.dispatcher_id)
+        self.hosts_kv = handles.hosts
         self._image_provider = image
         self._image: str | None = None
         self._image_lock = asyncio.Lock()
+        self._image_ok: set[str] = set()  # engines known to have the image
+        self.image_source: docker.DockerClient | None = image_source
         self.runs: dict[str, OpRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._failures: dict[int, int] = {}
-        self.runner_nats_url = ""
+        self._runner_urls: dict[str, str] = {}
         self._started_at = now()
         limit = config.dispatcher.max_concurrent_ops
-        self.max_concurrent = limit or max(4, int(host.cpus * 8))
+        self.max_concurrent = limit or max(8, int(sum(h.cpus for h in fleet.all_hosts()) * 8))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -167,10 +175,8 @@ class Dispatcher:
             await self.nc.subscribe(DISPATCHER_PING_SUBJECT, cb=self._on_ping),
             await self.nc.subscribe(f"{OPS_SUBJECT_ROOT}.*.cancel", cb=self._on_cancel),
         ]
-        connected = self.nc.connected_url.geturl() if self.nc.connected_url else self.config.nats.url
-        self.runner_nats_url = self.config.nats.runner_url or await asyncio.to_thread(
-            self.engine.runner_nats_url, connected
-        )
+        await self.fleet.refresh()
+        hosts_task = asyncio.create_task(self._watch_hosts())
         try:
             await reconcile(self)
         except Exception:  # serve the queue even if reconciliation broke
@@ -178,7 +184,7 @@ class Dispatcher:
         log.info(
             "dispatcher %s ready on %s (max %d ops)",
             self.dispatcher_id,
-            self.engine.name,
+            ", ".join(h.name for h in self.fleet.hosts()) or "no hosts yet",
             self.max_concurrent,
         )
         try:
@@ -204,6 +210,7 @@ class Dispatcher:
                     if not await self._accept_safely(msg):
                         await self._wait_for_slot(NAK_DELAY_S)
         finally:
+            hosts_task.cancel()
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -216,6 +223,53 @@ class Dispatcher:
     def stop(self) -> None:
         """Stop taking jobs; :meth:`run` returns once running ops have finished."""
         self._stopping.set()
+
+    async def _watch_hosts(self) -> None:
+        """Refresh and health-check hosts on an interval; publish the hosts snapshot."""
+        interval_s = self.config.discovery.health_interval_s
+        while True:
+            try:
+                await self.publish_hosts()
+                await asyncio.sleep(interval_s)
+                await self.fleet.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatcher %s: host refresh failed", self.dispatcher_id)
+                await asyncio.sleep(interval_s)
+
+    async def publish_hosts(self) -> None:
+        """Write the hosts snapshot (capacity, what is free, state) to KV ``ktrdr_hosts``."""
+        hosts = self.fleet.all_hosts()
+        await self.placement.refresh_usage(hosts)
+        snapshots = []
+        for host in hosts:
+            used = self.placement.usage(host.name)
+            state = "unhealthy" if self.fleet.is_down(host.name) else "available"
+            if self.fleet.inventory is not None:
+                status = self.fleet.inventory.health.status(host.name)
+                if status is not None and status.state != "available":
+                    state = status.state
+            snapshots.append(
+                HostSnapshot(
+                    name=host.name,
+                    source=host.source,
+                    state=state,
+                    docker_url=redact_url(host.docker_url),
+                    cpus=host.cpus,
+                    memory_bytes=host.memory_bytes,
+                    gpus=[
+                        GpuSnapshot(index=g.index, model=g.model, memory_gb=g.memory_gb) for g in host.gpus
+                    ],
+                    gpu_runtime=self.fleet.gpu_usable(host),
+                    free_cpus=max(0.0, host.cpus - used.cpus),
+                    free_memory_bytes=max(0, host.memory_bytes - used.memory_bytes),
+                    free_gpus=max(0, len(host.gpus) - len(used.gpu_ids)),
+                    running_ops=used.ops,
+                    checked_at=now(),
+                )
+            )
+        await publish_snapshot(self.hosts_kv, snapshots)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` as a task :meth:`run` waits for before it returns."""
@@ -232,7 +286,7 @@ class Dispatcher:
     async def _on_ping(self, msg: Msg) -> None:
         info = DispatcherInfo(
             dispatcher_id=self.dispatcher_id,
-            host=self.engine.name,
+            host=",".join(h.name for h in self.fleet.hosts()),
             running_ops=len(self.runs),
             started_at=self._started_at,
         )
@@ -287,12 +341,15 @@ class Dispatcher:
             await self._reject(msg, exc)
             return True
         resources = _resolve_resources(job, op)
-        if not self.ledger.can_ever_fit(resources):
-            message = (
-                f"no host can fit cpus={resources.cpus:g} memory_gb={resources.memory_gb:g} "
-                f"(largest: {self.ledger.largest_host()})"
-            )
-            await self._reject(msg, Rejected(message, field="resources", error_type="Unplaceable"), job=job)
+        if resources.gpu == "never" and resources.gpus:
+            problem = Rejected(f"gpus={resources.gpus} with gpu: never", field="resources.gpus")
+            await self._reject(msg, problem, job=job)
+            return True
+        hosts = self.fleet.hosts()
+        unplaceable = why_never_placeable(hosts, resources, self.fleet.gpu_usable) if hosts else ""
+        if unplaceable:
+            field = "resources.gpu" if unplaceable.startswith("gpu:") else "resources"
+            await self._reject(msg, Rejected(unplaceable, field=field, error_type="Unplaceable"), job=job)
             return True
         record = OpRecord(
             op_id=job.job_id,
@@ -318,8 +375,15 @@ class Dispatcher:
         if await self._cancel_requested_before_start(record):
             await msg.ack()
             return True
-        reservation = self.ledger.reserve(job.job_id, resources)
+        reservation = await self.placement.reserve(job.job_id, resources, hosts, self.fleet.gpu_usable)
         if reservation is None:
+            await msg.nak(delay=NAK_DELAY_S)
+            return False
+        try:
+            engine = await self.fleet.engine(reservation.host)
+        except DiscoveryError as exc:
+            self.fleet.mark_down(reservation.host.name, str(exc))
+            await self.placement.release(reservation)
             await msg.nak(delay=NAK_DELAY_S)
             return False
         claimed = await self.store.transition(
@@ -331,12 +395,19 @@ class Dispatcher:
             attempts=record.attempts + 1,
         )
         if claimed is None:  # another dispatcher moved it first
-            self.ledger.release(job.job_id)
+            await self.placement.release(reservation)
             await msg.ack()
             return True
         if msg.metadata:
             self._failures.pop(msg.metadata.sequence.stream, None)
-        run = OpRun(op_id=job.job_id, job=job, msg=msg, reservation=reservation, attempt=claimed.attempts)
+        run = OpRun(
+            op_id=job.job_id,
+            job=job,
+            msg=msg,
+            reservation=reservation,
+            engine=engine,
+            attempt=claimed.attempts,
+        )
         self.runs[run.op_id] = run
         self.spawn(self._supervise(run, claimed, adopted=False))
         return True
@@ -455,7 +526,47 @@ class Dispatcher:
         async with self._image_lock:
             if self._image is None:
                 self._image = await asyncio.to_thread(self._image_provider)
+                self._image_ok.clear()
             return self._image
+
+    async def _image_on(self, engine: DockerEngine) -> str:
+        """The runner image's tag, present on ``engine``: with no registry to pull from, an
+        engine that lacks it gets it streamed from the engine it was built on."""
+        tag = await self._image_tag()
+        if engine.name in self._image_ok:
+            return tag
+        try:
+            await engine.call(engine.client.images.get, tag)
+        except InfrastructureError as missing:
+            if self.image_source is None or self.image_source is engine.client:
+                raise
+            log.info("copying image %s to %s", tag, engine.name)
+            source = self.image_source
+
+            def copy() -> None:
+                engine.client.images.load(source.images.get(tag).save(named=True))
+
+            try:
+                await engine.call(copy)
+            except InfrastructureError as exc:
+                raise InfrastructureError(
+                    f"{missing}; copying it from the local engine failed: {exc}"
+                ) from None
+        self._image_ok.add(engine.name)
+        return tag
+
+    async def _runner_url(self, run: OpRun) -> str:
+        """The NATS URL containers on the op's host use: the host's own setting, the
+        configured one, or this connection's address as seen from the engine's bridge."""
+        host = run.reservation.host
+        if host.labels.get("nats_url"):
+            return host.labels["nats_url"]
+        if self.config.nats.runner_url:
+            return self.config.nats.runner_url
+        if host.name not in self._runner_urls:
+            connected = self.nc.connected_url.geturl() if self.nc.connected_url else self.config.nats.url
+            self._runner_urls[host.name] = await run.engine.call(run.engine.runner_nats_url, connected)
+        return self._runner_urls[host.name]
 
     def _backoff_s(self, attempt: int) -> float:
         return min(MAX_RETRY_DELAY_S, self.config.dispatcher.retry_backoff_s * 2 ** max(0, attempt - 1))
@@ -467,10 +578,19 @@ class Dispatcher:
             if not adopted and not await self._start_container(run, record):
                 return
             await self._watch(run)
+        except EngineUnreachable as exc:
+            # the host stopped answering: its ops are lost and go elsewhere
+            self.fleet.mark_down(run.reservation.host.name, str(exc))
+            await self._requeue_lost(run, f"host {run.reservation.host.name} stopped answering: {exc}")
         except InfrastructureError as exc:
-            if "image missing" in str(exc):
-                self._image = None  # build or find it again on the next attempt
-            await self._retry_or_fail(run, str(exc))
+            if is_no_gpu_runtime_error(str(exc)) and run.reservation.gpu_ids:
+                # the host claims GPUs its engine cannot run: place the op again, not failed
+                self.fleet.mark_no_gpu(run.reservation.host.name)
+                await self._replace(run, f"host {run.reservation.host.name} has no usable GPU runtime")
+            else:
+                if "image missing" in str(exc):
+                    self._image = None  # build or find it again on the next attempt
+                await self._retry_or_fail(run, str(exc))
         except KtrdrError as exc:
             await self._retry_or_fail(run, str(exc))
         except Exception as exc:
@@ -479,10 +599,11 @@ class Dispatcher:
         finally:
             if keepalive is not None:
                 keepalive.cancel()
-            if run.container_id and not run.removed:
+            if run.container_id and not run.removed and not self.fleet.is_down(run.reservation.host.name):
                 with contextlib.suppress(Exception):
-                    await self.engine.remove(run.container_id)
-            self.ledger.release(run.op_id)
+                    await run.engine.remove(run.container_id)
+            with contextlib.suppress(Exception):
+                await self.placement.release(run.reservation)
             self.runs.pop(run.op_id, None)
             if run.msg is not None and not run.requeued:
                 with contextlib.suppress(Exception):
@@ -492,7 +613,7 @@ class Dispatcher:
     async def _start_container(self, run: OpRun, record: OpRecord) -> bool:
         """placing → starting → running; False when the op was cancelled meanwhile."""
         cfg = self.config.dispatcher
-        image = await self._image_tag()
+        image = await self._image_on(run.engine)
         if run.cancel_requested is not None:
             await self.store.transition(
                 run.op_id,
@@ -506,20 +627,21 @@ class Dispatcher:
             op_id=run.op_id,
             kind=run.job.kind,
             params=run.job.params,
-            nats_url=self.runner_nats_url,
+            nats_url=await self._runner_url(run),
             attempt=record.attempts,
             heartbeat_s=cfg.heartbeat_s,
             result_deadline_s=cfg.result_deadline_s,
             host=run.reservation.host.name,
         )
         host_config = hardened_host_config(
-            self.engine.api,
+            run.engine.api,
             record.resources,
             pids_limit=cfg.pids_limit,
             scratch_mb=cfg.scratch_mb,
             data_dir=record.data_dir,
+            device_requests=device_requests(list(run.reservation.gpu_ids), 0),
         )
-        run.container_id = await self.engine.create(
+        run.container_id = await run.engine.create(
             image=image,
             name=f"ktrdr-{run.op_id}-a{record.attempts}",
             op_id=run.op_id,
@@ -532,7 +654,7 @@ class Dispatcher:
             run.op_id, "starting", allowed_from={"placing"}, image=image, container_id=run.container_id
         )
         run.started_ts = now()
-        await self.engine.start(run.container_id)
+        await run.engine.start(run.container_id)
         run.running_ts = now()
         await self.store.transition(run.op_id, "running", allowed_from={"starting"})
         return True
@@ -545,13 +667,18 @@ class Dispatcher:
         logs = asyncio.create_task(self._stream_logs(run))
         try:
             exit_code = await self._wait_with_deadline(run)
-            ending = await self.engine.conclude(run.container_id, cfg.log_tail_lines)
+            ending = await run.engine.conclude(run.container_id, cfg.log_tail_lines)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(logs), 2.0)  # the last lines, as events
             await self._collect_outcome(run)
             state, fields = classify(run, ending, exit_code)
+            if state == "failed" and exit_code in (137, 143) and fields["error"].reason == "exit_nonzero":
+                # killed, not by us and not by the kernel: is the engine itself going away?
+                await asyncio.sleep(0.5)
+                if not await run.engine.alive():
+                    raise EngineUnreachable(f"engine {run.engine.name} went away while the op ran")
             await self.store.transition(run.op_id, state, allowed_from=ACTIVE_STATES, **fields)
-            await self.engine.remove(run.container_id)
+            await run.engine.remove(run.container_id)
             run.removed = True
         finally:
             progress_writer.cancel()
@@ -563,7 +690,7 @@ class Dispatcher:
         def read_chunks() -> Any:
             since_ts = run.logs_since or run.running_ts
             since = int(since_ts) if since_ts else None
-            return self.engine.api.logs(
+            return run.engine.api.logs(
                 run.container_id, stream=True, follow=True, stdout=True, stderr=True, since=since
             )
 
@@ -574,11 +701,30 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             await stream_logs(
                 read_chunks,
-                lambda fn: self.engine.call(fn),
+                lambda fn: run.engine.call(fn),
                 run.op_id,
                 publish,
                 max_lines_per_s=self.config.dispatcher.log_lines_per_s,
             )
+
+    async def _requeue_lost(self, run: OpRun, reason: str) -> None:
+        """The op's host is gone: ``lost``, then back in the queue while attempts remain."""
+        if run.attempt >= self.config.dispatcher.max_attempts:
+            await self._fail(run, "lost", f"{reason} (attempt {run.attempt} of {run.attempt})")
+            return
+        await self.requeue(run.op_id, reason, allowed_from=ACTIVE_STATES, delay_s=0.0, msg=run.msg, lost=True)
+        run.requeued = run.msg is not None
+
+    async def _replace(self, run: OpRun, reason: str) -> None:
+        """Place the op again at once, without spending an attempt (the host was wrong)."""
+        if run.container_id and not run.removed:
+            with contextlib.suppress(Exception):
+                await run.engine.remove(run.container_id)
+            run.removed = True
+        await self.requeue(
+            run.op_id, reason, allowed_from=ACTIVE_STATES, delay_s=0.0, msg=run.msg, attempts=run.attempt - 1
+        )
+        run.requeued = run.msg is not None
 
     async def _retry_or_fail(self, run: OpRun, reason: str) -> None:
         """An infrastructure failure: back to the queue with backoff, or failed at the
@@ -592,7 +738,7 @@ class Dispatcher:
         )
         if run.container_id and not run.removed:
             with contextlib.suppress(Exception):
-                await self.engine.remove(run.container_id)
+                await run.engine.remove(run.container_id)
             run.removed = True
         await self.requeue(run.op_id, reason, allowed_from=ACTIVE_STATES, delay_s=delay_s, msg=run.msg)
         run.requeued = run.msg is not None
@@ -606,12 +752,14 @@ class Dispatcher:
         delay_s: float,
         msg: Msg | None,
         lost: bool = False,
+        attempts: int | None = None,
     ) -> None:
         """Put an op back in the queue: its job message is nak'ed with a delay, or (when we
         no longer hold it) the job is published again from the op record."""
         if lost:
             await self.store.transition(op_id, "lost", allowed_from=allowed_from, message=reason)
             allowed_from = {"lost"}
+        changes: dict[str, Any] = {"attempts": attempts} if attempts is not None else {}
         record = await self.store.transition(
             op_id,
             "queued",
@@ -619,6 +767,7 @@ class Dispatcher:
             error=ErrorInfo(reason="infrastructure" if not lost else "lost", message=reason),
             container_id="",
             message=f"requeued: {reason}",
+            **changes,
         )
         if record is None:
             return
@@ -645,7 +794,7 @@ class Dispatcher:
                 await msg.in_progress()
 
     async def _wait_with_deadline(self, run: OpRun) -> int:
-        waiting = asyncio.ensure_future(self.engine.wait(run.container_id))
+        waiting = asyncio.ensure_future(run.engine.wait(run.container_id))
         timeout_s = run.job.timeout_s
         try:
             if timeout_s is None:
@@ -656,7 +805,7 @@ class Dispatcher:
             except TimeoutError:
                 run.timed_out = True
                 log.info("op %s: timeout of %gs reached; stopping container", run.op_id, timeout_s)
-                await self.engine.stop(run.container_id, self.config.dispatcher.cancel_grace_s)
+                await run.engine.stop(run.container_id, self.config.dispatcher.cancel_grace_s)
                 return await waiting
         finally:
             run.exited.set()
@@ -770,7 +919,7 @@ class Dispatcher:
         if run.container_id:
             run.forced = True
             log.info("op %s: no cancel ack within %gs; stopping container", run.op_id, grace_s)
-            await self.engine.stop(run.container_id, 2.0)
+            await run.engine.stop(run.container_id, 2.0)
 
 
 def _peek_ids(msg: Msg) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from nats.js import api
 
 from dispatcher.config import Config
 from dispatcher.embedded import EmbeddedNats, is_local_url
-from dispatcher.errors import NatsUnavailable, OpNotFound
+from dispatcher.errors import ConfigError, NatsUnavailable, OpNotFound
 from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
 from dispatcher.opstore import OpStore
 from runner.protocol import (
@@ -78,7 +78,7 @@ class Session:
         self.embedded: EmbeddedNats | None = None
         self._dispatcher: Any = None
         self._dispatcher_task: asyncio.Task[None] | None = None
-        self._engine: Any = None
+        self._fleet: Any = None
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -113,24 +113,24 @@ class Session:
             await self._start_dispatcher()
 
     async def _start_dispatcher(self) -> None:
-        from discovery.docker_engines import engine_host
-        from dispatcher.engine import DockerEngine, connect_docker
+        from dispatcher.fleet import build_fleet
         from dispatcher.images import ensure_runner_image
         from dispatcher.service import Dispatcher
 
         assert self.nc is not None and self.handles is not None
-        docker_cfg = self.config.docker
-        client = await asyncio.to_thread(connect_docker, docker_cfg.url, timeout_s=docker_cfg.timeout_s)
-        host = await asyncio.to_thread(engine_host, client, docker_url=docker_cfg.url)
-        self._engine = DockerEngine(client, name=host.name)
+        self._fleet, client = await build_fleet(self.config)
         say = self._say
 
         def image() -> str:
+            if client is None:
+                raise ConfigError("no local Docker engine to build the runner image on")
             return ensure_runner_image(client, config=self.config.images, progress=say)
 
         await asyncio.to_thread(image)  # build before the first op, with visible progress
         self._say("no dispatcher answering: running one in this process for this command")
-        self._dispatcher = Dispatcher(self.config, self.nc, self.handles, self._engine, host, image)
+        self._dispatcher = Dispatcher(
+            self.config, self.nc, self.handles, self._fleet, image, image_source=client
+        )
         self._dispatcher_task = asyncio.create_task(self._dispatcher.run())
 
     async def close(self) -> None:
@@ -142,8 +142,8 @@ class Session:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
-        if self._engine is not None:
-            self._engine.close()
+        if self._fleet is not None:
+            self._fleet.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 

@@ -36,6 +36,7 @@ EVENTS_STREAM: Final = "KTRDR_EVENTS"
 DEAD_LETTER_STREAM: Final = "KTRDR_DEAD"
 OPS_BUCKET: Final = "ktrdr_ops"
 HOSTS_BUCKET: Final = "ktrdr_hosts"
+RESERVATIONS_BUCKET: Final = "ktrdr_reservations"
 ARTIFACTS_BUCKET: Final = "ktrdr_artifacts"
 DISPATCHER_CONSUMER: Final = "ktrdr-dispatcher"
 
@@ -229,6 +230,7 @@ class OpRecord(Struct, kw_only=True):
 class _Event(Struct, frozen=True, kw_only=True, tag_field="event"):
     op_id: str
     ts: float
+    attempt: int = 0  # which attempt of the op sent it (0: not tied to one)
 
 
 class StatusEvent(_Event, frozen=True, tag="status"):
@@ -237,7 +239,6 @@ class StatusEvent(_Event, frozen=True, tag="status"):
     state: OpState
     host: str = ""
     container_id: str = ""
-    attempt: int = 0
     message: str = ""
 
 
@@ -339,6 +340,20 @@ def dead_letter_subject(kind: str) -> str:
     """Where a job message of ``kind`` goes when it keeps failing."""
     token = kind if re.fullmatch(KIND_PATTERN, kind or "") else "unknown"
     return f"{DEAD_LETTER_SUBJECT_ROOT}.{token}"
+
+
+class HostReservation(Struct, frozen=True):
+    """What one op holds on one host (KV ``ktrdr_reservations``, one key per host, a map
+    op id → reservation, changed only by compare-and-set)."""
+
+    cpus: float
+    memory_bytes: int
+    gpu_ids: list[str] = []
+    dispatcher: str = ""
+    ts: float = 0.0
+
+
+HostReservations = dict[str, HostReservation]
 
 
 class DispatcherInfo(Struct, frozen=True, omit_defaults=True):

@@ -114,6 +114,7 @@ class NatsSink:
             if latest is not None:
                 progress = ProgressEvent(
                     op_id=op_id,
+                    attempt=self._spec.attempt,
                     ts=latest.ts,
                     percent=latest.percent,
                     step=latest.step,
@@ -187,7 +188,9 @@ async def run_op(spec: RunnerSpec) -> int:
     async def heartbeat() -> None:
         while True:
             await asyncio.sleep(spec.heartbeat_s)
-            event = HeartbeatEvent(op_id=op_id, ts=now(), uptime_s=time.monotonic() - started)
+            event = HeartbeatEvent(
+                op_id=op_id, ts=now(), attempt=spec.attempt, uptime_s=time.monotonic() - started
+            )
             try:
                 await nc.publish(op_subject(op_id, "heartbeat"), encode(event))
             except Exception:  # noqa: BLE001 - heartbeats are best effort
@@ -211,22 +214,31 @@ async def run_op(spec: RunnerSpec) -> int:
         result = await asyncio.to_thread(op.fn, ctx, params)
         if not isinstance(result, dict):
             raise KtrdrRunnerError(f"operation {spec.kind!r} returned {type(result).__name__}, not a dict")
-        event: Any = ResultEvent(op_id=op_id, ts=now(), result=result, artifacts=ctx.artifacts)
+        event: Any = ResultEvent(
+            op_id=op_id, ts=now(), attempt=spec.attempt, result=result, artifacts=ctx.artifacts
+        )
         outcome = (op_subject(op_id, "result"), encode(event))
     except Cancelled as exc:
         code = EXIT_CANCELLED
-        event = CancelAckEvent(op_id=op_id, ts=now(), partial_saved=ctx.partial_saved, message=str(exc))
+        event = CancelAckEvent(
+            op_id=op_id, ts=now(), attempt=spec.attempt, partial_saved=ctx.partial_saved, message=str(exc)
+        )
         outcome = (op_subject(op_id, "cancel_ack"), encode(event))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_OP_ERROR
         event = ErrorEvent(
-            op_id=op_id, ts=now(), reason="exit_nonzero", message=f"operation exited with code {code}"
+            op_id=op_id,
+            attempt=spec.attempt,
+            ts=now(),
+            reason="exit_nonzero",
+            message=f"operation exited with code {code}",
         )
         outcome = (op_subject(op_id, "error"), encode(event))
     except BaseException as exc:  # noqa: BLE001 - every op failure becomes an error event
         code = EXIT_OP_ERROR
         event = ErrorEvent(
             op_id=op_id,
+            attempt=spec.attempt,
             ts=now(),
             reason="invalid_job" if isinstance(exc, InvalidParams | UnknownKind) else "op_error",
             message=str(exc) or type(exc).__name__,

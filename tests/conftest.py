@@ -28,6 +28,7 @@ from dispatcher.config import Config, DispatcherConfig, NatsConfig
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import DockerEngine, connect_docker
 from dispatcher.errors import DockerUnavailable
+from dispatcher.fleet import Fleet
 from dispatcher.images import ensure_runner_image
 from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
 from dispatcher.service import Dispatcher
@@ -178,7 +179,7 @@ async def dispatcher(
     client = connect_docker()
     host = engine_host(client)
     engine = DockerEngine(client, name=host.name)
-    service = Dispatcher(config, nc, handles, engine, host, lambda: runner_image)
+    service = Dispatcher(config, nc, handles, Fleet.single(engine, host), lambda: runner_image)
     task = asyncio.create_task(service.run(idle_s=0.5))
     yield RunningDispatcher(service, task)
     service.stop()

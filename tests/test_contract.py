@@ -8,10 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from discovery.base import Host
 from dispatcher.config import load_config
 from dispatcher.errors import ConfigError
-from dispatcher.placement import Ledger
 from runner import registry
 from runner.errors import InvalidParams, UnknownKind
 from runner.protocol import (
@@ -108,20 +106,3 @@ def test_config_is_strict_and_substitutes_env(tmp_path: Path) -> None:
         load_config(path, env={})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", env={})
-
-
-def test_ledger_places_on_least_loaded_host_and_waits_when_full() -> None:
-    gib = 1024**3
-    small = Host(name="small", source="docker", docker_url="", cpus=2, memory_bytes=4 * gib)
-    big = Host(name="big", source="docker", docker_url="", cpus=8, memory_bytes=32 * gib)
-    ledger = Ledger([small, big])
-    one = Resources(cpus=1, memory_gb=1, gpus=0)
-    first = ledger.reserve("a", one)
-    assert first is not None and first.host.name == "big"  # 1/8 load beats 1/2
-    assert not ledger.can_ever_fit(Resources(cpus=16, memory_gb=1))
-    assert "big: 8 cpus" in ledger.largest_host()
-    for i in range(9):
-        ledger.reserve(f"x{i}", one)
-    assert ledger.reserve("full", one) is None  # 10 cpus reserved of 10
-    ledger.release("a")
-    assert ledger.reserve("again", one) is not None

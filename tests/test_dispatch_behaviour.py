@@ -18,6 +18,7 @@ from discovery.docker_engines import engine_host
 from dispatcher.config import Config, DispatcherConfig, NatsConfig
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import DockerEngine, connect_docker
+from dispatcher.fleet import Fleet
 from dispatcher.jetstream import connect, ensure_jetstream
 from dispatcher.service import Dispatcher
 from runner.protocol import DISPATCHER_CONSUMER, EVENTS_STREAM, JOBS_STREAM
@@ -96,7 +97,7 @@ async def test_work_beyond_capacity_waits_in_jetstream(
     config: Config, dispatcher: RunningDispatcher, docker_client: docker.DockerClient
 ) -> None:
     """Ops that together ask more CPUs than the host has run in turn, never together."""
-    host_cpus = dispatcher.dispatcher.ledger.hosts[0].cpus
+    host_cpus = dispatcher.dispatcher.fleet.hosts()[0].cpus
     per_op = host_cpus / 2  # two fit at once
     ids = [f"cap-{uuid.uuid4().hex[:8]}" for _ in range(4)]
     nc = await nats.connect(config.nats.url)
@@ -131,7 +132,7 @@ async def test_lease_is_kept_alive_past_ack_wait(
     handles = await ensure_jetstream(nc, short, with_consumer=True)
     client = connect_docker()
     engine = DockerEngine(client, name="local")
-    service = Dispatcher(short, nc, handles, engine, engine_host(client), lambda: runner_image)
+    service = Dispatcher(short, nc, handles, Fleet.single(engine, engine_host(client)), lambda: runner_image)
     task = asyncio.create_task(service.run(idle_s=0.5))
     try:
         op_id = f"lease-{uuid.uuid4().hex[:8]}"

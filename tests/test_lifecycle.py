@@ -25,6 +25,7 @@ from discovery.docker_engines import engine_host
 from dispatcher.config import Config
 from dispatcher.embedded import EmbeddedNats
 from dispatcher.engine import DockerEngine, connect_docker
+from dispatcher.fleet import Fleet
 from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
 from dispatcher.service import Dispatcher
 from runner.protocol import LABEL_OP_ID, TERMINAL_STATES
@@ -131,7 +132,7 @@ async def test_cancel_of_a_deaf_runner_is_forced_within_grace(
 async def test_cancel_of_a_queued_op_never_creates_a_container(
     config: Config, dispatcher: RunningDispatcher, docker_client: docker.DockerClient
 ) -> None:
-    cpus = dispatcher.dispatcher.ledger.hosts[0].cpus
+    cpus = dispatcher.dispatcher.fleet.hosts()[0].cpus
     since = time.time()
     blocker = await publish_job(
         config.nats.url,
@@ -335,7 +336,8 @@ class running_dispatcher:
         handles = await ensure_jetstream(self.nc, self.config, with_consumer=True)
         client = connect_docker()
         self.engine = DockerEngine(client, name="local")
-        self.service = Dispatcher(self.config, self.nc, handles, self.engine, engine_host(client), self.image)
+        fleet = Fleet.single(self.engine, engine_host(client))
+        self.service = Dispatcher(self.config, self.nc, handles, fleet, self.image)
         self.task = asyncio.create_task(self.service.run(idle_s=0.3))
         return self.service
 

@@ -1,0 +1,147 @@
+"""The hosts a dispatcher can place ops on, with one :class:`DockerEngine` each.
+
+Hosts come from the discovery inventory (Docker engines, Proxmox LXC workers, static
+GPU hosts), refreshed and health-checked on an interval, or from a fixed list (one
+local engine: tests, benchmarks, the one-shot CLI without a ``[discovery]`` section).
+A host that stops answering mid-op is marked down at once (its ops are requeued
+elsewhere) and comes back when a health check succeeds; a host whose engine cannot run
+GPU containers is marked GPU-less.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import docker
+
+from discovery.base import Host
+from discovery.docker_engines import connect_host, engine_host
+from discovery.health import Inventory
+from dispatcher.config import Config
+from dispatcher.engine import DockerEngine, connect_docker
+from dispatcher.errors import ConfigError
+
+log = logging.getLogger("ktrdr.fleet")
+
+
+class Fleet:
+    """Hosts and their engines."""
+
+    def __init__(
+        self, inventory: Inventory | None = None, fixed: list[tuple[Host, DockerEngine]] | None = None
+    ) -> None:
+        self.inventory = inventory
+        self._fixed = {host.name: host for host, _ in fixed or []}
+        self._engines: dict[str, DockerEngine] = {host.name: engine for host, engine in fixed or []}
+        self._owned: set[str] = set()
+        self._down: dict[str, str] = {}
+        self._no_gpu: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def single(cls, engine: DockerEngine, host: Host) -> Fleet:
+        """One fixed host (no discovery)."""
+        return cls(fixed=[(host, engine)])
+
+    def all_hosts(self) -> list[Host]:
+        """Every host we know, up or not."""
+        hosts = dict(self._fixed)
+        if self.inventory is not None:
+            for status in self.inventory.hosts():
+                hosts.setdefault(status.host.name, status.effective)
+        return list(hosts.values())
+
+    def hosts(self) -> list[Host]:
+        """Hosts available for placement now."""
+        hosts = list(self._fixed.values())
+        if self.inventory is not None:
+            hosts += [h for h in self.inventory.available() if h.name not in self._fixed]
+        return [h for h in hosts if h.name not in self._down]
+
+    def host(self, name: str) -> Host | None:
+        """A known host by name."""
+        return next((h for h in self.all_hosts() if h.name == name), None)
+
+    async def refresh(self) -> None:
+        """Refresh the inventory; hosts marked down come back once they answer."""
+        if self.inventory is not None:
+            await self.inventory.refresh()
+            for status in self.inventory.hosts():
+                if status.state == "available" and self._down.pop(status.host.name, None) is not None:
+                    log.info("host %s answers again", status.host.name)
+        for name in list(self._down):
+            engine = self._engines.get(name)
+            if name in self._fixed and engine is not None:
+                try:
+                    await engine.call(engine.client.ping)
+                    self._down.pop(name, None)
+                    log.info("host %s answers again", name)
+                except Exception:  # noqa: BLE001 - still down
+                    pass
+
+    async def engine(self, host: Host) -> DockerEngine:
+        """The engine of a host (connected on first use)."""
+        async with self._lock:
+            engine = self._engines.get(host.name)
+            if engine is None:
+                client = await asyncio.to_thread(connect_host, host, pool_size=32)
+                engine = DockerEngine(client, name=host.name)
+                self._engines[host.name] = engine
+                self._owned.add(host.name)
+            return engine
+
+    def engines(self) -> list[tuple[Host, DockerEngine]]:
+        """Engines connected so far, with their hosts."""
+        return [(h, self._engines[h.name]) for h in self.all_hosts() if h.name in self._engines]
+
+    def mark_down(self, host_name: str, reason: str) -> None:
+        """Stop placing on a host until it answers again."""
+        if host_name not in self._down:
+            log.warning("host %s is down: %s", host_name, reason)
+        self._down[host_name] = reason
+
+    def is_down(self, host_name: str) -> bool:
+        """Whether a host is marked down."""
+        return host_name in self._down
+
+    def mark_no_gpu(self, host_name: str) -> None:
+        """The host claims GPUs but its engine cannot run GPU containers."""
+        if host_name not in self._no_gpu:
+            log.warning("host %s has no usable GPU runtime; placing no GPU work there", host_name)
+        self._no_gpu.add(host_name)
+
+    def gpu_usable(self, host: Host) -> bool:
+        """Whether GPU work can go to this host."""
+        return bool(host.gpus) and host.name not in self._no_gpu
+
+    def close(self) -> None:
+        """Close the engines this fleet connected (fixed ones belong to the caller)."""
+        for name in self._owned:
+            self._engines[name].close()
+        if self.inventory is not None:
+            self.inventory.close()
+
+
+async def build_fleet(config: Config) -> tuple[Fleet, docker.DockerClient | None]:
+    """The fleet a ``[discovery]`` config describes: the local engine (unless
+    ``local_engine = false``) as a fixed host, and every configured provider through a
+    health-checked inventory. Also returns the local engine's client (None without one),
+    where runner images are built."""
+    disc = config.discovery
+    fixed: list[tuple[Host, DockerEngine]] = []
+    client: docker.DockerClient | None = None
+    if disc.local_engine:
+        client = await asyncio.to_thread(connect_docker, config.docker.url, timeout_s=config.docker.timeout_s)
+        host = await asyncio.to_thread(engine_host, client, docker_url=config.docker.url)
+        fixed.append((host, DockerEngine(client, name=host.name)))
+    inventory = None
+    if disc.engines or disc.proxmox or disc.gpu_hosts:
+        inventory = Inventory.from_config(disc, local_url=None)
+    if not fixed and inventory is None:
+        raise ConfigError(
+            "[discovery] local_engine = false and no engines, proxmox or gpu_hosts: no capacity"
+        )
+    fleet = Fleet(inventory, fixed)
+    fleet._owned.update(h.name for h, _ in fixed)  # built here, closed with the fleet
+    return fleet, client
