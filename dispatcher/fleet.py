@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import docker
 
@@ -35,7 +36,7 @@ class Fleet:
         self._fixed = {host.name: host for host, _ in fixed or []}
         self._engines: dict[str, DockerEngine] = {host.name: engine for host, engine in fixed or []}
         self._owned: set[str] = set()
-        self._down: dict[str, str] = {}
+        self._down: dict[str, float] = {}  # host name -> when it was marked down
         self._no_gpu: set[str] = set()
         self._lock = asyncio.Lock()
 
@@ -68,8 +69,12 @@ class Fleet:
         if self.inventory is not None:
             await self.inventory.refresh()
             for status in self.inventory.hosts():
-                if status.state == "available" and self._down.pop(status.host.name, None) is not None:
-                    log.info("host %s answers again", status.host.name)
+                since = self._down.get(status.host.name)
+                # back only after a successful check made after it was marked down
+                if since is not None and status.state == "available" and status.failures == 0:
+                    if status.checked_at > since:
+                        del self._down[status.host.name]
+                        log.info("host %s answers again", status.host.name)
         for name in list(self._down):
             engine = self._engines.get(name)
             if name in self._fixed and engine is not None:
@@ -99,7 +104,7 @@ class Fleet:
         """Stop placing on a host until it answers again."""
         if host_name not in self._down:
             log.warning("host %s is down: %s", host_name, reason)
-        self._down[host_name] = reason
+        self._down[host_name] = time.time()
 
     def is_down(self, host_name: str) -> bool:
         """Whether a host is marked down."""

@@ -70,8 +70,9 @@ def classify(run: OpRun, ending: ContainerExit, exit_code: int) -> tuple[str, di
 
     Order matters: a timeout we enforced wins; then a cancel the runner acknowledged; then
     a clean result (an op that finished before a cancel took effect completed); then a
-    cancel we had to force; then the failures, the kernel's OOM kill told apart from our
-    own kill by the engine's OOMKilled flag.
+    cancel we had to force; then the failures: a stop nobody here asked for, the kernel's
+    OOM kill (told apart from our own kill by the engine's OOMKilled flag), the op's own
+    error, a bare exit code.
     """
     fields: dict[str, Any] = {"exit_code": exit_code, "log_tail": ending.log_tail}
     if run.progress is not None:
@@ -88,13 +89,18 @@ def classify(run: OpRun, ending: ContainerExit, exit_code: int) -> tuple[str, di
         timeout = run.job.timeout_s or 0.0
         fields["error"] = ErrorInfo(reason="timeout", message=f"timed out after {timeout:g}s")
         return "timed_out", fields
-    if run.cancel_ack is not None:
+    if run.cancel_ack is not None and requested is not None:
         return "cancelled", {**fields, "cancel": intent}
     if exit_code == 0 and run.result is not None:
         return "completed", {**fields, "result": run.result.result, "artifacts": run.result.artifacts}
     if requested is not None:
         return "cancelled", {**fields, "cancel": intent}
-    if ending.oom_killed:
+    if run.cancel_ack is not None:  # a SIGTERM nobody here asked for
+        fields["error"] = ErrorInfo(
+            reason="stopped_externally",
+            message="the container was stopped from outside ktrdr-run (it received SIGTERM)",
+        )
+    elif ending.oom_killed:
         fields["error"] = ErrorInfo(
             reason="oom_killed",
             message="the kernel killed the op: it ran out of memory (raise resources.memory_gb)",

@@ -672,11 +672,14 @@ class Dispatcher:
                 await asyncio.wait_for(asyncio.shield(logs), 2.0)  # the last lines, as events
             await self._collect_outcome(run)
             state, fields = classify(run, ending, exit_code)
-            if state == "failed" and exit_code in (137, 143) and fields["error"].reason == "exit_nonzero":
-                # killed, not by us and not by the kernel: is the engine itself going away?
-                await asyncio.sleep(0.5)
-                if not await run.engine.alive():
-                    raise EngineUnreachable(f"engine {run.engine.name} went away while the op ran")
+            reason = fields["error"].reason if state == "failed" else ""
+            if reason == "stopped_externally" or (reason == "exit_nonzero" and exit_code in (130, 137, 143)):
+                # stopped, not by us and not by the kernel: is the engine itself going away?
+                # (a daemon shutting down stops its containers first, then stops answering)
+                for _ in range(10):
+                    await asyncio.sleep(0.5)
+                    if not await run.engine.alive():
+                        raise EngineUnreachable(f"engine {run.engine.name} went away while the op ran")
             await self.store.transition(run.op_id, state, allowed_from=ACTIVE_STATES, **fields)
             await run.engine.remove(run.container_id)
             run.removed = True
