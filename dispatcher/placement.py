@@ -186,46 +186,41 @@ class Placement:
     ) -> Reservation | None:
         """Reserve room for the op on the best host it fits on now, or None."""
         await self.refresh_usage(hosts)
-        for host, gpu_ids in rank_hosts(hosts, self.usage, resources, gpu_usable):
+        for host, _gpu_ids in rank_hosts(hosts, self.usage, resources, gpu_usable):
             for _ in range(8):  # compare-and-set: re-read and re-check on conflict
                 reservations, revision = await self._read(host.name)
                 self._cache[host.name] = usage_of(reservations)
                 fits = rank_hosts([host], self.usage, resources, gpu_usable)
                 if not fits:
                     break
-                gpu_ids = fits[0][1]
-                need_cpus, need_memory = need_of(resources)
-                reservations[op_id] = HostReservation(
-                    cpus=need_cpus,
-                    memory_bytes=need_memory,
-                    gpu_ids=list(gpu_ids),
-                    dispatcher=self.dispatcher_id,
-                    ts=now(),
-                )
+                reservations[op_id] = self._entry(resources, fits[0][1])
                 if await self._write(host.name, reservations, revision):
-                    return Reservation(op_id, host, need_cpus, need_memory, gpu_ids)
+                    return Reservation(op_id, host, *need_of(resources), fits[0][1])
         return None
+
+    def _entry(self, resources: Resources, gpu_ids: tuple[str, ...]) -> HostReservation:
+        need_cpus, need_memory = need_of(resources)
+        return HostReservation(
+            cpus=need_cpus,
+            memory_bytes=need_memory,
+            gpu_ids=list(gpu_ids),
+            dispatcher=self.dispatcher_id,
+            ts=now(),
+        )
 
     async def adopt(
         self, op_id: str, resources: Resources, host: Host, gpu_ids: tuple[str, ...] = ()
     ) -> Reservation:
         """Hold what an already running op holds (after a restart), fit or not."""
-        need_cpus, need_memory = need_of(resources)
         while True:
             reservations, revision = await self._read(host.name)
             if op_id in reservations:
                 gpu_ids = tuple(reservations[op_id].gpu_ids)
                 break
-            reservations[op_id] = HostReservation(
-                cpus=need_cpus,
-                memory_bytes=need_memory,
-                gpu_ids=list(gpu_ids),
-                dispatcher=self.dispatcher_id,
-                ts=now(),
-            )
+            reservations[op_id] = self._entry(resources, gpu_ids)
             if await self._write(host.name, reservations, revision):
                 break
-        return Reservation(op_id, host, need_cpus, need_memory, gpu_ids)
+        return Reservation(op_id, host, *need_of(resources), gpu_ids)
 
     async def release(self, reservation: Reservation) -> None:
         """Free what the op held."""

@@ -348,6 +348,14 @@ class running_dispatcher:
         self.engine.close()
 
 
+def process_config(config: Config, tmp_state: Path, suffix: str) -> Path:
+    """A config file for dispatcher processes with their own id (leftover checks see it)."""
+    named = msgspec.structs.replace(
+        config, dispatcher=msgspec.structs.replace(config.dispatcher, dispatcher_id=f"{SESSION_TAG}-{suffix}")
+    )
+    return write_config(named, tmp_state / "ktrdr-run.toml")
+
+
 def start_dispatcher_process(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KTRDR_RUN_CONFIG": str(config_path)}
     with log_path.open("ab") as log_file:
@@ -368,10 +376,7 @@ async def test_dispatcher_kill_9_and_restart_loses_nothing(
     no_leftover_containers: None,
     js_handles: JetStreamHandles,
 ) -> None:
-    crash_config = msgspec.structs.replace(
-        config, dispatcher=msgspec.structs.replace(config.dispatcher, dispatcher_id=f"{SESSION_TAG}-crash")
-    )
-    config_path = write_config(crash_config, tmp_state / "ktrdr-run.toml")
+    config_path = process_config(config, tmp_state, "crash")
     first = start_dispatcher_process(config_path, tmp_state / "dispatcher-1.log")
     since = time.time()
     try:
@@ -470,10 +475,7 @@ async def test_cancel_published_while_the_dispatcher_is_down_survives_its_restar
     no_leftover_containers: None,
     js_handles: JetStreamHandles,
 ) -> None:
-    down_config = msgspec.structs.replace(
-        config, dispatcher=msgspec.structs.replace(config.dispatcher, dispatcher_id=f"{SESSION_TAG}-down")
-    )
-    config_path = write_config(down_config, tmp_state / "ktrdr-run.toml")
+    config_path = process_config(config, tmp_state, "down")
     first = start_dispatcher_process(config_path, tmp_state / "dispatcher-1.log")
     try:
         job = {
