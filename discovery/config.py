@@ -228,30 +228,18 @@ class ProxmoxConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
             raise ValueError(f"workers: tag {duplicates[0]!r} is listed twice")
 
 
-class StaticGpuHost(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """A GPU host listed by hand: its engine and its GPUs."""
+class StaticGpuHost(EngineConfig, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A GPU host listed by hand: an engine (every field of :class:`EngineConfig`) whose
+    GPUs must be listed, and optionally its capacity."""
 
-    name: str = ""
-    url: str = ""
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_verify: bool = True
-    nats_url: str = ""
-    max_ops: Annotated[int, Meta(ge=0)] = 0
-    timeout_s: Annotated[float, Meta(gt=0)] = 10.0
-    gpus: list[GpuSpec] = []
     #: 0 = read from the engine when it first answers a health check.
     cpus: Annotated[float, Meta(ge=0)] = 0.0
     memory_gb: Annotated[float, Meta(ge=0)] = 0.0
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "name")
-        _check_engine(self.url, self.tls_ca, self.tls_cert, self.tls_key, self.tls_verify, "url")
-        _check_nats_url(self.nats_url)
         if not self.gpus:
             raise ValueError('gpus: a GPU host lists its GPUs (gpus = [{index = 0, model = "..."}])')
-        _check_gpus(self.gpus)
+        super().__post_init__()
 
 
 class DiscoveryConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
