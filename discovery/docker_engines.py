@@ -106,6 +106,19 @@ class EngineEndpoint:
             timeout_s=float(labels.get(LABEL_TIMEOUT) or 10.0),
         )
 
+    def connect(self, *, name: str = "", pool_size: int = 8) -> docker.DockerClient:
+        """A client for this endpoint, checked with a ping (DiscoveryError otherwise)."""
+        return connect_engine(
+            self.url,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            tls_verify=self.tls_verify,
+            timeout_s=self.timeout_s,
+            pool_size=pool_size,
+            name=name,
+        )
+
     def describe(self) -> str:
         """The URL (no secrets) and how it is secured, for messages."""
         url = redact_url(self.url) or "the default socket"
@@ -253,17 +266,7 @@ def connect_engine(
 
 def connect_host(host: Host, *, pool_size: int = 8) -> docker.DockerClient:
     """A client for a discovered host's engine (its endpoint comes from its labels)."""
-    ep = EngineEndpoint.of(host)
-    return connect_engine(
-        ep.url,
-        tls_ca=ep.tls_ca,
-        tls_cert=ep.tls_cert,
-        tls_key=ep.tls_key,
-        tls_verify=ep.tls_verify,
-        timeout_s=ep.timeout_s,
-        pool_size=pool_size,
-        name=host.name,
-    )
+    return EngineEndpoint.of(host).connect(name=host.name, pool_size=pool_size)
 
 
 def gpus_of(specs: Sequence[GpuSpec]) -> tuple[Gpu, ...]:
@@ -306,16 +309,7 @@ class DockerEngineProvider:
     def describe(self, cfg: EngineConfig) -> Host:
         """Reach one configured engine and read its capacity; DiscoveryError if it fails."""
         ep = self.endpoint(cfg)
-        client = connect_engine(
-            cfg.url,
-            tls_ca=cfg.tls_ca,
-            tls_cert=cfg.tls_cert,
-            tls_key=cfg.tls_key,
-            tls_verify=cfg.tls_verify,
-            timeout_s=cfg.timeout_s,
-            pool_size=2,
-            name=cfg.name,
-        )
+        client = ep.connect(name=cfg.name, pool_size=2)
         try:
             host = engine_host(client, name=cfg.name, docker_url=cfg.url)
         finally:
