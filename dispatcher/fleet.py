@@ -13,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import docker
 
 from discovery.base import Host
+from discovery.config import redact_url
 from discovery.docker_engines import connect_host, engine_host
-from discovery.health import Inventory
+from discovery.health import GpuSnapshot, HostSnapshot, Inventory, publish_snapshot
 from dispatcher.config import Config
 from dispatcher.engine import DockerEngine, connect_docker
-from dispatcher.errors import ConfigError
+from dispatcher.errors import ConfigError, InfrastructureError
+from dispatcher.placement import Placement
+from runner.protocol import now
 
 log = logging.getLogger("ktrdr.fleet")
 
@@ -38,6 +42,7 @@ class Fleet:
         self._owned: set[str] = set()
         self._down: dict[str, float] = {}  # host name -> when it was marked down
         self._no_gpu: set[str] = set()
+        self._has_image: set[tuple[str, str]] = set()  # (engine, tag) known present
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -100,6 +105,29 @@ class Fleet:
         """Engines connected so far, with their hosts."""
         return [(h, self._engines[h.name]) for h in self.all_hosts() if h.name in self._engines]
 
+    async def ensure_image(self, engine: DockerEngine, tag: str, source: docker.DockerClient | None) -> None:
+        """Make sure ``engine`` has image ``tag``: with no registry to pull from, an engine
+        that lacks it gets it streamed from ``source`` (the engine it was built on)."""
+        if (engine.name, tag) in self._has_image:
+            return
+        try:
+            await engine.call(engine.client.images.get, tag)
+        except InfrastructureError as missing:
+            if source is None or source is engine.client:
+                raise
+            log.info("copying image %s to %s", tag, engine.name)
+
+            def copy() -> None:
+                engine.client.images.load(source.images.get(tag).save(named=True))
+
+            try:
+                await engine.call(copy)
+            except InfrastructureError as exc:
+                raise InfrastructureError(
+                    f"{missing}; copying it from the local engine failed: {exc}"
+                ) from None
+        self._has_image.add((engine.name, tag))
+
     def mark_down(self, host_name: str, reason: str) -> None:
         """Stop placing on a host until it answers again."""
         if host_name not in self._down:
@@ -126,6 +154,38 @@ class Fleet:
             self._engines[name].close()
         if self.inventory is not None:
             self.inventory.close()
+
+
+async def publish_hosts(fleet: Fleet, placement: Placement, kv: Any) -> None:
+    """Write the hosts snapshot (capacity, what is free, state) to KV ``ktrdr_hosts``."""
+    hosts = fleet.all_hosts()
+    await placement.refresh_usage(hosts)
+    snapshots = []
+    for host in hosts:
+        used = placement.usage(host.name)
+        state = "unhealthy" if fleet.is_down(host.name) else "available"
+        if fleet.inventory is not None:
+            status = fleet.inventory.health.status(host.name)
+            if status is not None and status.state != "available":
+                state = status.state
+        snapshots.append(
+            HostSnapshot(
+                name=host.name,
+                source=host.source,
+                state=state,
+                docker_url=redact_url(host.docker_url),
+                cpus=host.cpus,
+                memory_bytes=host.memory_bytes,
+                gpus=[GpuSnapshot(index=g.index, model=g.model, memory_gb=g.memory_gb) for g in host.gpus],
+                gpu_runtime=fleet.gpu_usable(host),
+                free_cpus=max(0.0, host.cpus - used.cpus),
+                free_memory_bytes=max(0, host.memory_bytes - used.memory_bytes),
+                free_gpus=max(0, len(host.gpus) - len(used.gpu_ids)),
+                running_ops=used.ops,
+                checked_at=now(),
+            )
+        )
+    await publish_snapshot(kv, snapshots)
 
 
 async def build_fleet(config: Config) -> tuple[Fleet, docker.DockerClient | None]:

@@ -23,15 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import socket
-import stat
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import docker
@@ -41,20 +38,17 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from discovery.base import DiscoveryError
-from discovery.config import redact_url
 from discovery.gpu import device_requests, is_no_gpu_runtime_error
-from discovery.health import GpuSnapshot, HostSnapshot, publish_snapshot
+from dispatcher.admission import Rejected, peek_ids, resolve_data_dir, resolve_resources, validate_job
 from dispatcher.config import Config
-from dispatcher.engine import RUNNER_USER, DockerEngine, hardened_host_config
+from dispatcher.engine import DockerEngine, hardened_host_config
 from dispatcher.errors import EngineUnreachable, InfrastructureError, KtrdrError
-from dispatcher.fleet import Fleet
+from dispatcher.fleet import Fleet, publish_hosts
 from dispatcher.jetstream import JetStreamHandles, dispatcher_consumer_config
 from dispatcher.logstream import stream_logs
 from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, retrying
 from dispatcher.outcome import OpRun, classify
 from dispatcher.placement import Placement, why_never_placeable
-from runner import registry
-from runner.errors import DataError, InvalidParams, UnknownKind, describe_validation_error
 from runner.protocol import (
     ACTIVE_STATES,
     DISPATCHER_CONSUMER,
@@ -74,13 +68,10 @@ from runner.protocol import (
     OpRecord,
     ProgressEvent,
     ProgressSnapshot,
-    Resources,
     RunnerSpec,
     dead_letter_subject,
     encode,
     event_decoder,
-    is_valid_id,
-    job_decoder,
     job_subject,
     now,
     op_events_filter,
@@ -94,22 +85,6 @@ log = logging.getLogger("ktrdr.dispatcher")
 ImageProvider = Callable[[], str]
 NAK_DELAY_S = 1.0
 MAX_RETRY_DELAY_S = 60.0
-
-
-class Rejected(Exception):  # control flow inside the dispatcher, not an error name
-    """A job message that can never run."""
-
-    def __init__(self, message: str, *, field: str = "", error_type: str = "InvalidJob") -> None:
-        super().__init__(message)
-        self.field = field
-        self.error_type = error_type
-
-
-def _resolve_resources(job: Job, op: registry.Operation) -> Resources:
-    """The job's resources, with the kind's defaults for what it left out."""
-    return job.resources.resolved(
-        msgspec.structs.replace(op.default_resources, gpu=op.default_resources.gpu or op.gpu)
-    )
 
 
 def job_from_record(record: OpRecord) -> Job:
@@ -150,7 +125,6 @@ class Dispatcher:
         self._image_provider = image
         self._image: str | None = None
         self._image_lock = asyncio.Lock()
-        self._image_ok: set[str] = set()  # engines known to have the image
         self.image_source: docker.DockerClient | None = image_source
         self.runs: dict[str, OpRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -229,7 +203,7 @@ class Dispatcher:
         interval_s = self.config.discovery.health_interval_s
         while True:
             try:
-                await self.publish_hosts()
+                await publish_hosts(self.fleet, self.placement, self.hosts_kv)
                 await asyncio.sleep(interval_s)
                 await self.fleet.refresh()
             except asyncio.CancelledError:
@@ -237,39 +211,6 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatcher %s: host refresh failed", self.dispatcher_id)
                 await asyncio.sleep(interval_s)
-
-    async def publish_hosts(self) -> None:
-        """Write the hosts snapshot (capacity, what is free, state) to KV ``ktrdr_hosts``."""
-        hosts = self.fleet.all_hosts()
-        await self.placement.refresh_usage(hosts)
-        snapshots = []
-        for host in hosts:
-            used = self.placement.usage(host.name)
-            state = "unhealthy" if self.fleet.is_down(host.name) else "available"
-            if self.fleet.inventory is not None:
-                status = self.fleet.inventory.health.status(host.name)
-                if status is not None and status.state != "available":
-                    state = status.state
-            snapshots.append(
-                HostSnapshot(
-                    name=host.name,
-                    source=host.source,
-                    state=state,
-                    docker_url=redact_url(host.docker_url),
-                    cpus=host.cpus,
-                    memory_bytes=host.memory_bytes,
-                    gpus=[
-                        GpuSnapshot(index=g.index, model=g.model, memory_gb=g.memory_gb) for g in host.gpus
-                    ],
-                    gpu_runtime=self.fleet.gpu_usable(host),
-                    free_cpus=max(0.0, host.cpus - used.cpus),
-                    free_memory_bytes=max(0, host.memory_bytes - used.memory_bytes),
-                    free_gpus=max(0, len(host.gpus) - len(used.gpu_ids)),
-                    running_ops=used.ops,
-                    checked_at=now(),
-                )
-            )
-        await publish_snapshot(self.hosts_kv, snapshots)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` as a task :meth:`run` waits for before it returns."""
@@ -313,7 +254,7 @@ class Dispatcher:
 
     async def _dead_letter(self, msg: Msg, reason: str, failures: int) -> None:
         kind = msg.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
-        job_id, _ = _peek_ids(msg)
+        job_id, _ = peek_ids(msg)
         letter = DeadLetter(
             subject=msg.subject,
             reason=reason,
@@ -336,11 +277,11 @@ class Dispatcher:
     async def _accept(self, msg: Msg) -> bool:
         """Handle one job message; False when it was put back for lack of capacity."""
         try:
-            job, op = self._validate(msg)
+            job, op = validate_job(msg, self.config)
         except Rejected as exc:
             await self._reject(msg, exc)
             return True
-        resources = _resolve_resources(job, op)
+        resources = resolve_resources(job, op)
         if resources.gpu == "never" and resources.gpus:
             problem = Rejected(f"gpus={resources.gpus} with gpu: never", field="resources.gpus")
             await self._reject(msg, problem, job=job)
@@ -360,7 +301,7 @@ class Dispatcher:
             timeout_s=job.timeout_s,
             labels=job.labels,
             submitted_by=job.submitted_by,
-            data_dir=self._data_dir(job),
+            data_dir=resolve_data_dir(job, self.config),
             timestamps={"queued": now()},
         )
         if not await self.store.create(record):
@@ -412,65 +353,8 @@ class Dispatcher:
         self.spawn(self._supervise(run, claimed, adopted=False))
         return True
 
-    def _validate(self, msg: Msg) -> tuple[Job, registry.Operation]:
-        subject_kind = msg.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
-        try:
-            job = job_decoder.decode(msg.data)
-        except msgspec.ValidationError as exc:
-            where, problem = describe_validation_error(exc)
-            raise Rejected(f"invalid job: {where or 'message'}: {problem}", field=where) from None
-        except msgspec.DecodeError as exc:
-            raise Rejected(f"job message is not valid JSON: {exc}", error_type="NotJSON") from None
-        if job.kind != subject_kind:
-            raise Rejected(f"kind {job.kind!r} does not match the subject {msg.subject!r}", field="kind")
-        try:
-            op = registry.get(job.kind)
-            params = op.parse_params(job.params)
-        except UnknownKind as exc:
-            raise Rejected(str(exc), field="kind", error_type="UnknownKind") from None
-        except InvalidParams as exc:
-            where = f"params.{exc.field}" if exc.field else "params"
-            raise Rejected(str(exc), field=where, error_type="InvalidParams") from None
-        data_dir = self._data_dir(job)
-        if op.preflight is not None:
-            try:
-                op.preflight(params, Path(data_dir) if data_dir else None)
-            except DataError as exc:
-                raise Rejected(str(exc), field="data", error_type="DataError") from None
-            except InvalidParams as exc:
-                where = f"params.{exc.field}" if exc.field else "params"
-                raise Rejected(str(exc), field=where, error_type="InvalidParams") from None
-        return job, op
-
-    def _data_dir(self, job: Job) -> str:
-        """The host directory to mount read-only at /data for this job ("" = none)."""
-        raw = job.data_dir or self.config.dispatcher.data_dir
-        if not raw:
-            return ""
-        path = Path(raw).expanduser()
-        if not path.is_absolute():
-            raise Rejected(
-                f"data_dir {raw!r} must be an absolute path on the dispatcher's host", field="data_dir"
-            )
-        path = path.resolve()
-        if not path.is_dir():
-            raise Rejected(f"data_dir {raw!r} is not a directory on the dispatcher's host", field="data_dir")
-        if path.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
-            raise Rejected(
-                f"data_dir {raw!r} is not readable by the container user {RUNNER_USER} "
-                f"(mode {stat.filemode(path.stat().st_mode)}); run: chmod o+rx {path}",
-                field="data_dir",
-            )
-        roots = [Path(r).expanduser().resolve() for r in self.config.dispatcher.data_roots]
-        if roots and not any(path == root or root in path.parents for root in roots):
-            raise Rejected(
-                f"data_dir {raw!r} is outside the allowed data roots ({', '.join(map(str, roots))})",
-                field="data_dir",
-            )
-        return str(path)
-
     async def _reject(self, msg: Msg, exc: Rejected, job: Job | None = None) -> None:
-        job_id, kind = (job.job_id, job.kind) if job else _peek_ids(msg)
+        job_id, kind = (job.job_id, job.kind) if job else peek_ids(msg)
         event = ErrorEvent(
             op_id=job_id or "",
             ts=now(),
@@ -526,33 +410,12 @@ class Dispatcher:
         async with self._image_lock:
             if self._image is None:
                 self._image = await asyncio.to_thread(self._image_provider)
-                self._image_ok.clear()
             return self._image
 
     async def _image_on(self, engine: DockerEngine) -> str:
-        """The runner image's tag, present on ``engine``: with no registry to pull from, an
-        engine that lacks it gets it streamed from the engine it was built on."""
+        """The runner image's tag, present on ``engine``."""
         tag = await self._image_tag()
-        if engine.name in self._image_ok:
-            return tag
-        try:
-            await engine.call(engine.client.images.get, tag)
-        except InfrastructureError as missing:
-            if self.image_source is None or self.image_source is engine.client:
-                raise
-            log.info("copying image %s to %s", tag, engine.name)
-            source = self.image_source
-
-            def copy() -> None:
-                engine.client.images.load(source.images.get(tag).save(named=True))
-
-            try:
-                await engine.call(copy)
-            except InfrastructureError as exc:
-                raise InfrastructureError(
-                    f"{missing}; copying it from the local engine failed: {exc}"
-                ) from None
-        self._image_ok.add(engine.name)
+        await self.fleet.ensure_image(engine, tag, self.image_source)
         return tag
 
     async def _runner_url(self, run: OpRun) -> str:
@@ -923,19 +786,6 @@ class Dispatcher:
             run.forced = True
             log.info("op %s: no cancel ack within %gs; stopping container", run.op_id, grace_s)
             await run.engine.stop(run.container_id, 2.0)
-
-
-def _peek_ids(msg: Msg) -> tuple[str, str]:
-    """Best-effort job_id and kind from a message that failed validation."""
-    kind = msg.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
-    try:
-        data = json.loads(msg.data)
-    except ValueError:
-        return "", kind
-    if not isinstance(data, dict):
-        return "", kind
-    job_id = data.get("job_id")
-    return (job_id if isinstance(job_id, str) and is_valid_id(job_id) else ""), kind
 
 
 def new_job_id() -> str:

@@ -1,0 +1,108 @@
+"""Admission of a job message: decode, validate against its kind, check where its data
+is, resolve its resources. A job that can never run is :class:`Rejected` with the field
+and the problem; nothing here touches Docker."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import msgspec
+from nats.aio.msg import Msg
+
+from dispatcher.config import Config
+from dispatcher.engine import RUNNER_USER
+from runner import registry
+from runner.errors import DataError, InvalidParams, UnknownKind, describe_validation_error
+from runner.protocol import JOBS_SUBJECT_ROOT, Job, Resources, is_valid_id, job_decoder
+
+
+class Rejected(Exception):  # control flow inside the dispatcher, not an error name
+    """A job message that can never run."""
+
+    def __init__(self, message: str, *, field: str = "", error_type: str = "InvalidJob") -> None:
+        super().__init__(message)
+        self.field = field
+        self.error_type = error_type
+
+
+def resolve_resources(job: Job, op: registry.Operation) -> Resources:
+    """The job's resources, with the kind's defaults for what it left out."""
+    return job.resources.resolved(
+        msgspec.structs.replace(op.default_resources, gpu=op.default_resources.gpu or op.gpu)
+    )
+
+
+def validate_job(msg: Msg, config: Config) -> tuple[Job, registry.Operation]:
+    """Decode and validate a job message against its kind (and, where the dispatcher can
+    see them, the op's input data); Rejected says what is wrong and where."""
+    subject_kind = msg.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
+    try:
+        job = job_decoder.decode(msg.data)
+    except msgspec.ValidationError as exc:
+        where, problem = describe_validation_error(exc)
+        raise Rejected(f"invalid job: {where or 'message'}: {problem}", field=where) from None
+    except msgspec.DecodeError as exc:
+        raise Rejected(f"job message is not valid JSON: {exc}", error_type="NotJSON") from None
+    if job.kind != subject_kind:
+        raise Rejected(f"kind {job.kind!r} does not match the subject {msg.subject!r}", field="kind")
+    try:
+        op = registry.get(job.kind)
+        params = op.parse_params(job.params)
+    except UnknownKind as exc:
+        raise Rejected(str(exc), field="kind", error_type="UnknownKind") from None
+    except InvalidParams as exc:
+        where = f"params.{exc.field}" if exc.field else "params"
+        raise Rejected(str(exc), field=where, error_type="InvalidParams") from None
+    data_dir = resolve_data_dir(job, config)
+    if op.preflight is not None:
+        try:
+            op.preflight(params, Path(data_dir) if data_dir else None)
+        except DataError as exc:
+            raise Rejected(str(exc), field="data", error_type="DataError") from None
+        except InvalidParams as exc:
+            where = f"params.{exc.field}" if exc.field else "params"
+            raise Rejected(str(exc), field=where, error_type="InvalidParams") from None
+    return job, op
+
+
+def resolve_data_dir(job: Job, config: Config) -> str:
+    """The host directory to mount read-only at /data for this job ("" = none)."""
+    raw = job.data_dir or config.dispatcher.data_dir
+    if not raw:
+        return ""
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise Rejected(
+            f"data_dir {raw!r} must be an absolute path on the dispatcher's host", field="data_dir"
+        )
+    path = path.resolve()
+    if not path.is_dir():
+        raise Rejected(f"data_dir {raw!r} is not a directory on the dispatcher's host", field="data_dir")
+    if path.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
+        raise Rejected(
+            f"data_dir {raw!r} is not readable by the container user {RUNNER_USER} "
+            f"(mode {stat.filemode(path.stat().st_mode)}); run: chmod o+rx {path}",
+            field="data_dir",
+        )
+    roots = [Path(r).expanduser().resolve() for r in config.dispatcher.data_roots]
+    if roots and not any(path == root or root in path.parents for root in roots):
+        raise Rejected(
+            f"data_dir {raw!r} is outside the allowed data roots ({', '.join(map(str, roots))})",
+            field="data_dir",
+        )
+    return str(path)
+
+
+def peek_ids(msg: Msg) -> tuple[str, str]:
+    """Best-effort job_id and kind from a message that failed validation."""
+    kind = msg.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
+    try:
+        data = json.loads(msg.data)
+    except ValueError:
+        return "", kind
+    if not isinstance(data, dict):
+        return "", kind
+    job_id = data.get("job_id")
+    return (job_id if isinstance(job_id, str) and is_valid_id(job_id) else ""), kind
