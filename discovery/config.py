@@ -119,11 +119,10 @@ class GpuSpec(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     device_id: str = ""
 
 
-class EngineConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """A Docker engine reached at a fixed URL."""
+class EngineAccess(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How to reach a Docker engine and what to tell its containers: shared by configured
+    engines, static GPU hosts and Proxmox worker tags."""
 
-    name: str = ""
-    url: str = ""
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -132,9 +131,16 @@ class EngineConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     nats_url: str = ""
     #: At most this many ops at once on this engine (0 = no limit beyond capacity).
     max_ops: Annotated[int, Meta(ge=0)] = 0
-    timeout_s: Annotated[float, Meta(gt=0)] = 10.0
     #: GPUs of this engine (the engine does not list them itself).
     gpus: list[GpuSpec] = []
+
+
+class EngineConfig(EngineAccess, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A Docker engine reached at a fixed URL."""
+
+    name: str = ""
+    url: str = ""
+    timeout_s: Annotated[float, Meta(gt=0)] = 10.0
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -143,21 +149,14 @@ class EngineConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
         _check_gpus(self.gpus)
 
 
-class ProxmoxWorkerTag(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """LXC containers carrying ``tag`` are workers; how to reach the Docker engine in them."""
+class ProxmoxWorkerTag(EngineAccess, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """LXC containers carrying ``tag`` are workers; how to reach the Docker engine in them
+    (``gpus``: what every worker with this tag has, passed through to the LXC)."""
 
     tag: str = ""
     #: ``{address}`` is the container's address ([v6] bracketed); ``{node}``, ``{vmid}``,
     #: ``{name}`` are also available.
     docker_url_template: str = "tcp://{address}:2376"
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_verify: bool = True
-    nats_url: str = ""
-    max_ops: Annotated[int, Meta(ge=0)] = 0
-    #: GPUs every worker with this tag has (passed through to the LXC).
-    gpus: list[GpuSpec] = []
 
     def __post_init__(self) -> None:
         if not self.tag:
