@@ -1,5 +1,6 @@
 """The stack every benchmark runs against: a nats-server with JetStream on a random
-port and its own store, and an in-process dispatcher on the local Docker engine."""
+port and its own store, and an in-process dispatcher on the local Docker engine; and a
+watcher that tells when an op's containers are gone."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -22,6 +27,7 @@ from dispatcher.fleet import Fleet
 from dispatcher.images import ensure_runner_image
 from dispatcher.service import Dispatcher
 from dispatcher.session import Session
+from runner.protocol import LABEL_OP_ID
 
 
 class Stack:
@@ -48,7 +54,8 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
             nats=NatsConfig(url=server.url, embedded=False),
             dispatcher=dispatcher_config or DispatcherConfig(),
         )
-        async with Session(config, need_dispatcher=False) as session:
+        # the bench runs the dispatcher itself: it sets JetStream up like the service does
+        async with Session(config, need_dispatcher=False, setup="apply") as session:
             assert session.nc is not None and session.handles is not None
             fleet = Fleet.single(engine, engine_host(client))
             dispatcher = Dispatcher(config, session.nc, session.handles, fleet, lambda: image)
@@ -62,6 +69,77 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
         engine.close()
         await asyncio.to_thread(server.stop)
         shutil.rmtree(state, ignore_errors=True)
+
+
+class RemovalWatcher:
+    """Tells when no container labelled ``ktrdr.op_id=<op>`` exists any more.
+
+    The engine's ``destroy`` events for op containers are read on a thread of their own;
+    for each op it keeps the ``time.perf_counter()`` at which this process received the
+    last one. :meth:`wait_gone` returns that moment once docker, asked afterwards, lists no
+    container of the op (so it is the moment the client learned of the removal, as a
+    ``docker run --rm`` learns it when its container is removed). Start it before the ops.
+    """
+
+    def __init__(self) -> None:
+        self.client = docker.from_env()
+        self.removed_at: dict[str, float] = {}
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._events = self.client.events(
+            decode=True, filters={"type": "container", "event": "destroy", "label": LABEL_OP_ID}
+        )
+        self._thread = threading.Thread(target=self._run, name="destroy-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self._events:
+                received = time.perf_counter()
+                op_id = event.get("Actor", {}).get("Attributes", {}).get(LABEL_OP_ID, "")
+                self.removed_at[op_id] = received
+                self._loop.call_soon_threadsafe(self._changed.set)
+        except Exception:  # noqa: BLE001 - the stream is closed at the end (or the loop is)
+            return
+
+    def containers_of(self, op_id: str) -> list[str]:
+        """Ids of every container (any state) labelled with the op (blocking)."""
+        found = self.client.api.containers(all=True, quiet=True, filters={"label": f"{LABEL_OP_ID}={op_id}"})
+        return [str(c["Id"]) for c in found]
+
+    async def wait_gone(self, op_id: str, timeout_s: float = 30.0, fallback_s: float = 0.5) -> float:
+        """Wait until no container of the op exists; returns when that became known
+        (``perf_counter``). Woken by ``destroy`` events; without one, docker is asked
+        every ``fallback_s`` (an op that never had a container), not at once, so as not
+        to load the engine while it removes. SystemExit after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        next_check = time.monotonic() + fallback_s
+        confirmed_stale: float | None = None  # a destroy seen while the op still had a container
+        while True:
+            self._changed.clear()
+            seen = self.removed_at.get(op_id)
+            if seen is not None and seen != confirmed_stale:
+                if not await asyncio.to_thread(self.containers_of, op_id):
+                    return seen
+                confirmed_stale = seen  # another container of the op is still there
+            elif time.monotonic() >= next_check:
+                if not await asyncio.to_thread(self.containers_of, op_id):
+                    return time.perf_counter()
+                next_check = time.monotonic() + fallback_s
+            left = deadline - time.monotonic()
+            if left <= 0:
+                remaining = await asyncio.to_thread(self.containers_of, op_id)
+                if not remaining:
+                    return time.perf_counter()
+                ids = ", ".join(c[:12] for c in remaining)
+                raise SystemExit(f"op {op_id}: container(s) {ids} still exist after {timeout_s:g}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, fallback_s))
+
+    def close(self) -> None:
+        self._events.close()
+        self.client.close()
+        self._thread.join(timeout=5)
 
 
 def percentile(values: list[float], q: float) -> float:

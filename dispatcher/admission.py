@@ -9,7 +9,6 @@ import stat
 from pathlib import Path
 
 import msgspec
-from nats.aio.msg import Msg
 
 from dispatcher.config import Config
 from dispatcher.engine import RUNNER_USER
@@ -21,10 +20,14 @@ from runner.protocol import JOBS_SUBJECT_ROOT, Job, Resources, is_valid_id, job_
 class Rejected(Exception):  # control flow inside the dispatcher, not an error name
     """A job message that can never run."""
 
-    def __init__(self, message: str, *, field: str = "", error_type: str = "InvalidJob") -> None:
+    def __init__(
+        self, message: str, *, field: str = "", error_type: str = "InvalidJob", job: Job | None = None
+    ) -> None:
         super().__init__(message)
         self.field = field
         self.error_type = error_type
+        #: The decoded job, when the message decoded at all.
+        self.job = job
 
 
 def resolve_resources(job: Job, op: registry.Operation) -> Resources:
@@ -34,36 +37,42 @@ def resolve_resources(job: Job, op: registry.Operation) -> Resources:
     )
 
 
-def validate_job(msg: Msg, config: Config) -> tuple[Job, registry.Operation]:
+def validate_job(subject: str, data: bytes, config: Config) -> tuple[Job, registry.Operation]:
     """Decode and validate a job message against its kind (and, where the dispatcher can
-    see them, the op's input data); Rejected says what is wrong and where."""
-    subject_kind = msg.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
+    see them, the op's input data); Rejected says what is wrong and where.
+
+    Blocking (a preflight may read a data file): run it off the event loop."""
+    subject_kind = subject[len(JOBS_SUBJECT_ROOT) + 1 :]
     try:
-        job = job_decoder.decode(msg.data)
+        job = job_decoder.decode(data)
     except msgspec.ValidationError as exc:
         where, problem = describe_validation_error(exc)
         raise Rejected(f"invalid job: {where or 'message'}: {problem}", field=where) from None
     except msgspec.DecodeError as exc:
         raise Rejected(f"job message is not valid JSON: {exc}", error_type="NotJSON") from None
     if job.kind != subject_kind:
-        raise Rejected(f"kind {job.kind!r} does not match the subject {msg.subject!r}", field="kind")
+        raise Rejected(f"kind {job.kind!r} does not match the subject {subject!r}", field="kind", job=job)
     try:
         op = registry.get(job.kind)
         params = op.parse_params(job.params)
     except UnknownKind as exc:
-        raise Rejected(str(exc), field="kind", error_type="UnknownKind") from None
+        raise Rejected(str(exc), field="kind", error_type="UnknownKind", job=job) from None
     except InvalidParams as exc:
         where = f"params.{exc.field}" if exc.field else "params"
-        raise Rejected(str(exc), field=where, error_type="InvalidParams") from None
-    data_dir = resolve_data_dir(job, config)
+        raise Rejected(str(exc), field=where, error_type="InvalidParams", job=job) from None
+    try:
+        data_dir = resolve_data_dir(job, config)
+    except Rejected as exc:
+        exc.job = job
+        raise
     if op.preflight is not None:
         try:
             op.preflight(params, Path(data_dir) if data_dir else None)
         except DataError as exc:
-            raise Rejected(str(exc), field="data", error_type="DataError") from None
+            raise Rejected(str(exc), field="data", error_type="DataError", job=job) from None
         except InvalidParams as exc:
             where = f"params.{exc.field}" if exc.field else "params"
-            raise Rejected(str(exc), field=where, error_type="InvalidParams") from None
+            raise Rejected(str(exc), field=where, error_type="InvalidParams", job=job) from None
     return job, op
 
 
@@ -95,11 +104,11 @@ def resolve_data_dir(job: Job, config: Config) -> str:
     return str(path)
 
 
-def peek_ids(msg: Msg) -> tuple[str, str]:
+def peek_ids(subject: str, raw: bytes) -> tuple[str, str]:
     """Best-effort job_id and kind from a message that failed validation."""
-    kind = msg.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
+    kind = subject[len(JOBS_SUBJECT_ROOT) + 1 :]
     try:
-        data = json.loads(msg.data)
+        data = json.loads(raw)
     except ValueError:
         return "", kind
     if not isinstance(data, dict):

@@ -246,7 +246,8 @@ async def submit_and_report(
 ) -> int:
     """Submit ``job``; with --detach return at once, else follow it and report the outcome."""
     say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    async with Session(config, need_dispatcher=not args.detach, progress=say) as session:
+    # submitting may create what a fresh server lacks, never change what exists
+    async with Session(config, need_dispatcher=not args.detach, progress=say, setup="create") as session:
         op_id = await session.submit(job)
         if args.detach:
             if args.json:
@@ -355,7 +356,7 @@ async def cmd_dispatcher(args: argparse.Namespace, config: Config) -> int:
     from dispatcher.images import ensure_runner_image
     from dispatcher.service import Dispatcher
 
-    async with Session(config, need_dispatcher=False, progress=print) as session:
+    async with Session(config, need_dispatcher=False, progress=print, setup="apply") as session:
         assert session.nc is not None and session.handles is not None
         fleet, client = await build_fleet(config)
 
@@ -366,13 +367,41 @@ async def cmd_dispatcher(args: argparse.Namespace, config: Config) -> int:
 
         try:
             await asyncio.to_thread(image)
-            dispatcher = Dispatcher(config, session.nc, session.handles, fleet, image, image_source=client)
+            dispatcher = Dispatcher(
+                config,
+                session.nc,
+                session.handles,
+                fleet,
+                image,
+                image_source=client,
+                check_reachability=True,
+            )
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, dispatcher.stop)
             await dispatcher.run(burst=args.burst)
         finally:
             fleet.close()
+    return EXIT_OK
+
+
+async def cmd_setup(args: argparse.Namespace, config: Config) -> int:
+    """Create and update JetStream's streams, buckets and the dispatchers' consumer as
+    ``config`` says (what ``ktrdr-run dispatcher`` does when it starts), and say what changed.
+
+    The session prints each creation and update ("JetStream: updated stream ..."): on
+    stdout, or on stderr with --json (stdout then has one JSON object).
+    """
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+    async with Session(config, need_dispatcher=False, progress=say, setup="apply") as session:
+        assert session.nc is not None and session.handles is not None
+        url = session.nc.connected_url
+        where = f"{url.hostname}:{url.port}" if url else "?"
+        created, updated = session.handles.created, session.handles.updated
+    if args.json:
+        print(json.dumps({"server": where, "created": created, "updated": updated}))
+    elif not created and not updated:
+        print(f"JetStream on {where} is set up as this config says; nothing changed")
     return EXIT_OK
 
 
@@ -423,11 +452,71 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ktrdr-run", description="Run trading research ops in containers.")
-    parser.add_argument(
-        "--config", type=Path, help="config file (default: $KTRDR_RUN_CONFIG or ./ktrdr-run.toml)"
+    """The ``ktrdr-run`` argument parser.
+
+    The global options ``--config`` and ``-v/--verbose`` are accepted before or after the
+    subcommand, at any nesting level (``ktrdr-run ops list --config X``, ``ktrdr-run -v
+    ops -v list``). The top-level parser holds their real defaults; every subcommand parser
+    (whoever adds it: the subparsers action below hands them on, so hosts_cli's and
+    backtest_cli's subcommands get them too) has them as ``parents`` with
+    ``default=argparse.SUPPRESS``, so a default never overwrites a value given earlier.
+    ``--config`` given at several levels: the last one wins. ``-v`` counts add up over all
+    levels (``-v ops list -v`` is ``-vv``).
+    """
+
+    def global_options(defaults: bool) -> argparse.ArgumentParser:
+        opts = argparse.ArgumentParser(add_help=False)
+        opts.add_argument(
+            "--config",
+            type=Path,
+            default=None if defaults else argparse.SUPPRESS,
+            help="config file (default: $KTRDR_RUN_CONFIG or ./ktrdr-run.toml)",
+        )
+        opts.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=0 if defaults else argparse.SUPPRESS,
+            help="more logging (-vv: debug); counts add up before and after the subcommand",
+        )
+        return opts
+
+    sub_globals = global_options(defaults=False)
+
+    class SubcommandsAction(argparse._SubParsersAction):
+        """Gives every subcommand the global options, and adds up ``-v`` over the levels."""
+
+        def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+            kwargs["parents"] = [sub_globals, *kwargs.get("parents", ())]
+            return super().add_parser(name, **kwargs)
+
+        def __call__(
+            self,
+            parser: argparse.ArgumentParser,
+            namespace: argparse.Namespace,
+            values: Any,
+            option_string: str | None = None,
+        ) -> None:
+            # The subcommand parses into a fresh namespace whose values then replace ours:
+            # keep the -v count given so far and add the subcommand's to it.
+            before = vars(namespace).pop("verbose", None)
+            super().__call__(parser, namespace, values, option_string)
+            after = getattr(namespace, "verbose", None)
+            if before is not None or after is not None:
+                namespace.verbose = (before or 0) + (after or 0)
+
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # Nested subcommand parsers are of this class too (argparse's default), so
+            # every level's add_subparsers() uses SubcommandsAction.
+            self.register("action", "parsers", SubcommandsAction)
+
+    parser = Parser(
+        prog="ktrdr-run",
+        description="Run trading research ops in containers.",
+        parents=[global_options(defaults=True)],
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="submit an op and follow it to the end")
@@ -463,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dispatcher", help="run the dispatcher service")
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty and ops are done")
     p.set_defaults(handler=cmd_dispatcher)
+
+    p = sub.add_parser(
+        "setup", help="create/update JetStream's streams, buckets and consumer as the config says"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_setup)
 
     images = sub.add_parser("images", help="runner images").add_subparsers(
         dest="images_command", required=True

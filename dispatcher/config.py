@@ -54,6 +54,9 @@ class DockerConfig(Struct, frozen=True, forbid_unknown_fields=True):
 
     url: str = ""
     timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+    #: Deadline of one control call (create, start, inspect, remove); past it the engine
+    #: is treated as not answering.
+    call_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
 
 
 class DispatcherConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -75,6 +78,15 @@ class DispatcherConfig(Struct, frozen=True, forbid_unknown_fields=True):
     retry_backoff_s: Annotated[float, Meta(ge=0)] = 1.0
     poison_after_failures: Annotated[int, Meta(ge=1)] = 3
     log_lines_per_s: Annotated[int, Meta(ge=1)] = 200
+    #: The runner's first heartbeat must arrive this soon after its container starts.
+    runner_ready_s: Annotated[float, Meta(gt=0)] = 15.0
+    #: Heartbeat silence this long during a run (while NATS is up) ends the attempt: lost.
+    heartbeat_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    #: A dispatcher that has not renewed its lease for this long is dead; its ops are
+    #: taken over by another dispatcher.
+    lease_s: Annotated[float, Meta(ge=1)] = 15.0
+    #: At most this many job messages held while they wait for capacity or a retry time.
+    max_waiting_jobs: Annotated[int, Meta(ge=1)] = 64
 
 
 class Config(Struct, frozen=True, forbid_unknown_fields=True):

@@ -1,16 +1,24 @@
-"""One Docker engine: hardened container create, start, wait, inspect, logs, remove.
+"""One Docker engine: hardened container create, start, exit watching, inspect, logs, remove.
 
-docker-py is synchronous; every call here runs on the engine's own thread pool, sized
-for the dispatcher's concurrency, through one client with a matching connection pool.
-Docker errors are translated into ours at this edge. No ``auto_remove`` and no
-``containers.run()``: both race with wait/logs or leave Created containers behind.
+docker-py is synchronous. Control calls (create, start, stop, inspect, remove) run on the
+engine's own thread pool and each has a deadline: an engine that stops answering without
+closing its connections raises :class:`EngineUnreachable` instead of hanging the caller.
+Long-lived reads (log follows) run on a separate pool, so they can never starve control
+calls. Container exits come from one events stream per engine (filtered by our label),
+not from one blocking ``wait`` per op; a periodic listing catches exits the stream missed
+while it reconnected. Docker errors are translated into ours at this edge. No
+``auto_remove`` and no ``containers.run()``: both race with wait/logs or leave Created
+containers behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +30,15 @@ import docker.errors
 import requests.exceptions
 
 from dispatcher.errors import DockerUnavailable, EngineUnreachable, InfrastructureError
-from runner.protocol import LABEL_DISPATCHER, LABEL_KIND, LABEL_OP_ID, SPEC_ENV, Resources
+from runner.protocol import (
+    LABEL_ATTEMPT,
+    LABEL_CLUSTER,
+    LABEL_DISPATCHER,
+    LABEL_KIND,
+    LABEL_OP_ID,
+    SPEC_ENV,
+    Resources,
+)
 
 log = logging.getLogger("ktrdr.engine")
 
@@ -86,24 +102,178 @@ def hardened_host_config(
     )
 
 
+class ContainerVanished(InfrastructureError):
+    """The container is gone from its engine (removed by someone else)."""
+
+
+class ExitWatcher:
+    """Exits of this engine's op containers, from one events stream.
+
+    A reader thread follows ``docker events`` (type container, event die, our label) and
+    resolves the waiters; it reconnects with ``since`` after an error. Every ``poll_s`` a
+    listing of our containers catches an exit the stream missed, and a container that
+    vanished. Recent exits are remembered, so a waiter that registers after the event
+    still gets it.
+    """
+
+    def __init__(self, engine: DockerEngine, *, poll_s: float = 2.0, remember_s: float = 600.0) -> None:
+        self._engine = engine
+        self._poll_s = poll_s
+        self._remember_s = remember_s
+        self._waiters: dict[str, list[asyncio.Future[int]]] = {}
+        self._exits: dict[str, tuple[int, float]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = threading.Event()
+        self._stream: Any = None
+
+    def _start(self) -> None:
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read_events, name=f"events-{self._engine.name}", daemon=True).start()
+        self._poller = self._loop.create_task(self._poll())
+
+    def _read_events(self) -> None:
+        since: float | None = None
+        while not self._closed.is_set():
+            try:
+                self._stream = self._engine.api.events(
+                    since=since,
+                    filters={"type": "container", "event": "die", "label": LABEL_OP_ID},
+                    decode=True,
+                )
+                for event in self._stream:
+                    since = float(event.get("time") or time.time())
+                    attrs = (event.get("Actor") or {}).get("Attributes") or {}
+                    cid = str(event.get("id") or (event.get("Actor") or {}).get("ID") or "")
+                    code = int(attrs.get("exitCode", -1))
+                    if cid and self._loop is not None:
+                        self._loop.call_soon_threadsafe(self._resolve, cid, code)
+            except Exception as exc:  # noqa: BLE001 - the engine went away: reconnect below
+                if self._closed.is_set():
+                    return
+                log.debug("events stream of %s broke (%s); reconnecting", self._engine.name, exc)
+            if self._closed.wait(1.0):
+                return
+            since = since or time.time() - 5.0
+
+    def _resolve(self, container_id: str, exit_code: int) -> None:
+        now_s = time.monotonic()
+        self._exits[container_id] = (exit_code, now_s)
+        for waiter in self._waiters.pop(container_id, []):
+            if not waiter.done():
+                waiter.set_result(exit_code)
+        if len(self._exits) > 256:
+            for cid, (_code, seen) in list(self._exits.items()):
+                if now_s - seen > self._remember_s:
+                    del self._exits[cid]
+
+    def _fail(self, container_id: str, exc: Exception) -> None:
+        for waiter in self._waiters.pop(container_id, []):
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    async def _poll(self) -> None:
+        while not self._closed.is_set():
+            await asyncio.sleep(self._poll_s)
+            if self._waiters:
+                with contextlib.suppress(Exception):
+                    await self.check(list(self._waiters))
+
+    async def check(self, container_ids: list[str]) -> None:
+        """Resolve waiters of containers that already exited or vanished."""
+        listed = await self._engine.call(
+            self._engine.api.containers, all=True, filters={"label": LABEL_OP_ID}
+        )
+        states = {c["Id"]: c.get("State", "") for c in listed}
+        for cid in container_ids:
+            state = states.get(cid)
+            if state is None:
+                self._fail(cid, ContainerVanished(f"container {cid[:12]} vanished from {self._engine.name}"))
+            elif state in ("exited", "dead"):
+                attrs = await self._engine.call(self._engine.api.inspect_container, cid)
+                self._resolve(cid, int(attrs.get("State", {}).get("ExitCode", -1)))
+
+    async def wait(self, container_id: str) -> int:
+        """The container's exit code, once it has exited."""
+        self._start()
+        if container_id in self._exits:
+            return self._exits[container_id][0]
+        assert self._loop is not None
+        waiter: asyncio.Future[int] = self._loop.create_future()
+        self._waiters.setdefault(container_id, []).append(waiter)
+        try:
+            await self.check([container_id])  # it may have exited before we listened
+        except EngineUnreachable:
+            pass  # the stream and the poll keep trying; the dispatcher's health check decides
+        return await waiter
+
+    def close(self) -> None:
+        """Stop the reader thread and the poll."""
+        self._closed.set()
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.close()
+
+
 class DockerEngine:
     """Async façade over one engine's blocking docker-py client."""
 
-    def __init__(self, client: docker.DockerClient, *, name: str, workers: int = 32) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        *,
+        name: str,
+        workers: int = 32,
+        call_timeout_s: float = 20.0,
+        stream_workers: int = 1024,
+    ) -> None:
         self.client = client
         self.api: docker.APIClient = client.api
         self.name = name
+        self.call_timeout_s = call_timeout_s
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"docker-{name}")
+        # log follows hold a thread each for an op's life: never on the control pool
+        self._stream_pool = ThreadPoolExecutor(
+            max_workers=stream_workers, thread_name_prefix=f"stream-{name}"
+        )
+        self.exits = ExitWatcher(self)
 
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking docker-py call on this engine's pool, translating its errors."""
+    async def call(
+        self, fn: Callable[..., T], *args: Any, deadline_s: float | None = -1.0, **kwargs: Any
+    ) -> T:
+        """Run a blocking docker-py call on this engine's pool, translating its errors.
+
+        The call must answer within ``deadline_s`` (default: the engine's
+        ``call_timeout_s``; None: no deadline, for long transfers) or
+        :class:`EngineUnreachable` is raised.
+        """
         loop = asyncio.get_running_loop()
+        limit_s = self.call_timeout_s if deadline_s == -1.0 else deadline_s
         try:
-            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+            future = loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+            if limit_s is None:
+                return await future
+            return await asyncio.wait_for(future, limit_s)
+        except TimeoutError:
+            raise EngineUnreachable(
+                f"engine {self.name} did not answer within {limit_s:g}s (host down or stalled?)"
+            ) from None
         except docker.errors.ImageNotFound as exc:
             raise InfrastructureError(f"image missing on {self.name}: {exc.explanation}") from None
         except docker.errors.APIError as exc:
             raise InfrastructureError(f"engine {self.name} refused: {exc.explanation or exc}") from None
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            raise EngineUnreachable(f"engine {self.name} unreachable: {exc}") from None
+
+    async def stream(self, fn: Callable[[], T]) -> T:
+        """Run a long blocking read (a log follow) on the stream pool, no deadline."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._stream_pool, fn)
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
             raise EngineUnreachable(f"engine {self.name} unreachable: {exc}") from None
 
@@ -142,6 +312,8 @@ class DockerEngine:
         op_id: str,
         kind: str,
         dispatcher_id: str,
+        attempt: int,
+        deployment: str,
         spec_json: str,
         host_config: dict[str, Any],
     ) -> str:
@@ -152,7 +324,13 @@ class DockerEngine:
             name=name,
             user=RUNNER_USER,
             environment={SPEC_ENV: spec_json, "HOME": "/tmp"},
-            labels={LABEL_OP_ID: op_id, LABEL_KIND: kind, LABEL_DISPATCHER: dispatcher_id},
+            labels={
+                LABEL_OP_ID: op_id,
+                LABEL_KIND: kind,
+                LABEL_DISPATCHER: dispatcher_id,
+                LABEL_ATTEMPT: str(attempt),
+                LABEL_CLUSTER: deployment,
+            },
             host_config=host_config,
             working_dir="/tmp",
         )
@@ -163,14 +341,20 @@ class DockerEngine:
         await self.call(self.api.start, container_id)
 
     async def wait(self, container_id: str) -> int:
-        """Block (on the pool) until the container exits; returns its exit code."""
-        result = await self.call(self.api.wait, container_id, timeout=None)
-        return int(result.get("StatusCode", -1))
+        """Until the container exits (from the events stream); returns its exit code.
+        :class:`ContainerVanished` when it was removed by someone else."""
+        return await self.exits.wait(container_id)
 
     async def stop(self, container_id: str, grace_s: float) -> None:
-        """SIGTERM, then SIGKILL after ``grace_s``."""
+        """SIGTERM, then SIGKILL after ``grace_s``. A refusal (already stopped, gone) is
+        logged; an engine that does not answer raises :class:`EngineUnreachable`."""
+        grace = max(0, round(grace_s))
         try:
-            await self.call(self.api.stop, container_id, timeout=max(0, round(grace_s)))
+            await self.call(
+                self.api.stop, container_id, timeout=grace, deadline_s=grace + self.call_timeout_s
+            )
+        except EngineUnreachable:
+            raise
         except InfrastructureError as exc:
             log.info("stop %s: %s", container_id[:12], exc)
 
@@ -206,6 +390,8 @@ class DockerEngine:
             return False
 
     def close(self) -> None:
-        """Release the pool and the client."""
+        """Release the pools, the exit watcher and the client."""
+        self.exits.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stream_pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()

@@ -20,6 +20,11 @@ class NatsUnavailable(KtrdrError):
     """No NATS server answers and none could be started."""
 
 
+class JetStreamSetupError(KtrdrError):
+    """ktrdr-run's streams or buckets are missing (and this command may not create them),
+    or the server refuses a change ``ktrdr-run setup`` asked for."""
+
+
 class PlacementError(KtrdrError):
     """No host can ever run this op (e.g. it asks more than any host has)."""
 
@@ -38,3 +43,13 @@ class OpNotFound(KtrdrError):
     def __init__(self, op_id: str) -> None:
         self.op_id = op_id
         super().__init__(f"no op with id {op_id!r} (see `ktrdr-run ops list`)")
+
+
+class OwnershipLost(KtrdrError):
+    """Another dispatcher took this op over: the writer must stop touching it."""
+
+    def __init__(self, op_id: str, owner: str, attempt: int) -> None:
+        self.op_id = op_id
+        self.owner = owner
+        self.attempt = attempt
+        super().__init__(f"op {op_id} is now owned by {owner or 'nobody'} (attempt {attempt})")

@@ -3,9 +3,12 @@
 Hosts come from the discovery inventory (Docker engines, Proxmox LXC workers, static
 GPU hosts), refreshed and health-checked on an interval, or from a fixed list (one
 local engine: tests, benchmarks, the one-shot CLI without a ``[discovery]`` section).
-A host that stops answering mid-op is marked down at once (its ops are requeued
-elsewhere) and comes back when a health check succeeds; a host whose engine cannot run
-GPU containers is marked GPU-less.
+Every engine is health-checked with a deadline (fixed hosts here, discovered ones by the
+inventory): after ``failure_threshold`` failed checks in a row a host is down, and the
+dispatcher marks its running ops ``lost``. A host that stops answering mid-op is marked
+down at once; it comes back when a health check made after that succeeds, and
+:meth:`Fleet.refresh` returns it then so its leftover containers can be reaped. A host
+whose engine cannot run GPU containers is marked GPU-less.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from discovery.docker_engines import connect_host, engine_host
 from discovery.health import GpuSnapshot, HostSnapshot, Inventory, publish_snapshot
 from dispatcher.config import Config
 from dispatcher.engine import DockerEngine, connect_docker
-from dispatcher.errors import ConfigError, InfrastructureError
+from dispatcher.errors import ConfigError, EngineUnreachable, InfrastructureError
 from dispatcher.placement import Placement
 from runner.protocol import now
 
@@ -34,9 +37,17 @@ class Fleet:
     """Hosts and their engines."""
 
     def __init__(
-        self, inventory: Inventory | None = None, fixed: list[tuple[Host, DockerEngine]] | None = None
+        self,
+        inventory: Inventory | None = None,
+        fixed: list[tuple[Host, DockerEngine]] | None = None,
+        *,
+        failure_threshold: int = 3,
+        call_timeout_s: float = 20.0,
     ) -> None:
         self.inventory = inventory
+        self.failure_threshold = failure_threshold
+        self.call_timeout_s = call_timeout_s
+        self._failures: dict[str, int] = {}  # fixed host name -> failed checks in a row
         self._fixed = {host.name: host for host, _ in fixed or []}
         self._engines: dict[str, DockerEngine] = {host.name: engine for host, engine in fixed or []}
         self._owned: set[str] = set()
@@ -46,9 +57,9 @@ class Fleet:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def single(cls, engine: DockerEngine, host: Host) -> Fleet:
+    def single(cls, engine: DockerEngine, host: Host, *, failure_threshold: int = 3) -> Fleet:
         """One fixed host (no discovery)."""
-        return cls(fixed=[(host, engine)])
+        return cls(fixed=[(host, engine)], failure_threshold=failure_threshold)
 
     def all_hosts(self) -> list[Host]:
         """Every host we know, up or not."""
@@ -69,26 +80,45 @@ class Fleet:
         """A known host by name."""
         return next((h for h in self.all_hosts() if h.name == name), None)
 
-    async def refresh(self) -> None:
-        """Refresh the inventory; hosts marked down come back once they answer."""
+    async def refresh(self) -> list[str]:
+        """Refresh the inventory and check the fixed engines (with a deadline each).
+
+        Returns the hosts that answer again after being down (their leftover containers
+        may need reaping). A host is back only after a successful check made after it was
+        marked down.
+        """
+        back: list[str] = []
         if self.inventory is not None:
             await self.inventory.refresh()
             for status in self.inventory.hosts():
                 since = self._down.get(status.host.name)
-                # back only after a successful check made after it was marked down
                 if since is not None and status.state == "available" and status.failures == 0:
                     if status.checked_at > since:
                         del self._down[status.host.name]
-                        log.info("host %s answers again", status.host.name)
-        for name in list(self._down):
-            engine = self._engines.get(name)
-            if name in self._fixed and engine is not None:
-                try:
-                    await engine.call(engine.client.ping)
-                    self._down.pop(name, None)
-                    log.info("host %s answers again", name)
-                except Exception:  # noqa: BLE001 - still down
-                    pass
+                        back.append(status.host.name)
+        checks = [(name, self._engines[name]) for name in self._fixed if name in self._engines]
+        results = await asyncio.gather(*(engine.alive() for _name, engine in checks))
+        for (name, _engine), ok in zip(checks, results, strict=True):
+            if ok:
+                self._failures.pop(name, None)
+                if self._down.pop(name, None) is not None:
+                    back.append(name)
+                continue
+            self._failures[name] = self._failures.get(name, 0) + 1
+            if self._failures[name] >= self.failure_threshold:
+                self.mark_down(name, f"no answer to {self._failures[name]} health checks in a row")
+        for name in back:
+            log.info("host %s answers again", name)
+        return back
+
+    def usable(self, host_name: str) -> bool:
+        """Whether the host is up: not marked down and, if discovered, healthy."""
+        if host_name in self._down:
+            return False
+        if self.inventory is not None and host_name not in self._fixed:
+            status = self.inventory.health.status(host_name)
+            return status is not None and status.state == "available"
+        return True
 
     async def engine(self, host: Host) -> DockerEngine:
         """The engine of a host (connected on first use)."""
@@ -96,10 +126,14 @@ class Fleet:
             engine = self._engines.get(host.name)
             if engine is None:
                 client = await asyncio.to_thread(connect_host, host, pool_size=32)
-                engine = DockerEngine(client, name=host.name)
+                engine = DockerEngine(client, name=host.name, call_timeout_s=self.call_timeout_s)
                 self._engines[host.name] = engine
                 self._owned.add(host.name)
             return engine
+
+    def own(self, host_names: Any) -> None:
+        """Close these hosts' engines with the fleet (engines built for it)."""
+        self._owned.update(host_names)
 
     def engines(self) -> list[tuple[Host, DockerEngine]]:
         """Engines connected so far, with their hosts."""
@@ -112,6 +146,8 @@ class Fleet:
             return
         try:
             await engine.call(engine.client.images.get, tag)
+        except EngineUnreachable:
+            raise
         except InfrastructureError as missing:
             if source is None or source is engine.client:
                 raise
@@ -121,7 +157,7 @@ class Fleet:
                 engine.client.images.load(source.images.get(tag).save(named=True))
 
             try:
-                await engine.call(copy)
+                await engine.call(copy, deadline_s=None)
             except InfrastructureError as exc:
                 raise InfrastructureError(
                     f"{missing}; copying it from the local engine failed: {exc}"
@@ -199,7 +235,8 @@ async def build_fleet(config: Config) -> tuple[Fleet, docker.DockerClient | None
     if disc.local_engine:
         client = await asyncio.to_thread(connect_docker, config.docker.url, timeout_s=config.docker.timeout_s)
         host = await asyncio.to_thread(engine_host, client, docker_url=config.docker.url)
-        fixed.append((host, DockerEngine(client, name=host.name)))
+        engine = DockerEngine(client, name=host.name, call_timeout_s=config.docker.call_timeout_s)
+        fixed.append((host, engine))
     inventory = None
     if disc.engines or disc.proxmox or disc.gpu_hosts:
         inventory = Inventory.from_config(disc, local_url=None)
@@ -207,6 +244,11 @@ async def build_fleet(config: Config) -> tuple[Fleet, docker.DockerClient | None
         raise ConfigError(
             "[discovery] local_engine = false and no engines, proxmox or gpu_hosts: no capacity"
         )
-    fleet = Fleet(inventory, fixed)
-    fleet._owned.update(h.name for h, _ in fixed)  # built here, closed with the fleet
+    fleet = Fleet(
+        inventory,
+        fixed,
+        failure_threshold=disc.failure_threshold,
+        call_timeout_s=config.docker.call_timeout_s,
+    )
+    fleet.own(h.name for h, _ in fixed)  # built here, closed with the fleet
     return fleet, client

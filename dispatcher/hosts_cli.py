@@ -37,7 +37,7 @@ from discovery.health import HostHealth, HostSnapshot, Inventory, read_snapshot
 from discovery.proxmox import ProxmoxProvider
 from dispatcher.config import CONFIG_ENV, DEFAULT_CONFIG_NAME, Config, load_config
 from dispatcher.embedded import is_local_url
-from dispatcher.errors import ConfigError, NatsUnavailable
+from dispatcher.errors import ConfigError, JetStreamSetupError, NatsUnavailable
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -345,11 +345,14 @@ async def cmd_hosts(args: argparse.Namespace, config: Config) -> int:
     snaps: list[HostSnapshot] = []
     if not getattr(args, "discover", False):
         try:
-            async with Session(config, need_dispatcher=False) as session:
+            # read-only: binds to what the dispatcher set up, creates and changes nothing
+            async with Session(config, need_dispatcher=False, setup="bind") as session:
                 assert session.handles is not None
                 snaps = await read_snapshot(session.handles.hosts)
         except NatsUnavailable as exc:
             note = f"NATS is not reachable ({exc}): discovered from the config just now"
+        except JetStreamSetupError as exc:
+            note = f"the dispatcher has not published a snapshot ({exc}): discovered from the config just now"
     published = bool(snaps)
     errors: dict[str, str] = {}
     if not snaps:

@@ -1,8 +1,11 @@
 """Connecting to NATS and setting up JetStream: idempotent, safe from several processes.
 
-Streams and buckets are bound first and created only when missing; a stream whose
-config drifted is updated, and the dispatcher's durable consumer is created-or-updated
-with ``add_consumer`` so a stale consumer config is never silently kept.
+Only the service configures JetStream. ``ktrdr-run dispatcher`` and ``ktrdr-run setup``
+call :func:`ensure_jetstream` in mode "apply": they create what is missing and update
+every stream, bucket and the dispatchers' durable consumer whose settings differ from
+their config. Commands that submit work use "create" (a fresh server has nothing yet, so
+they may create, but never change what exists); every other command uses "bind" and only
+looks up. In every mode the differences found are reported in ``handles.drift``.
 """
 
 from __future__ import annotations
@@ -10,24 +13,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
+import functools
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from dispatcher.config import Config
-from dispatcher.errors import NatsUnavailable
+from dispatcher.errors import JetStreamSetupError, NatsUnavailable
 from runner.protocol import (
     ARTIFACTS_BUCKET,
     DEAD_LETTER_STREAM,
     DEAD_LETTER_SUBJECT_ROOT,
     DISPATCHER_CONSUMER,
+    DISPATCHERS_BUCKET,
     EVENTS_STREAM,
     HOSTS_BUCKET,
     JOBS_STREAM,
@@ -40,9 +47,16 @@ from runner.protocol import (
 
 log = logging.getLogger("ktrdr.jetstream")
 
+SetupMode = Literal["bind", "create", "apply"]
+
 
 async def connect(url: str, *, name: str, connect_timeout_s: float = 2.0, retry: bool = True) -> NATS:
-    """Connect to NATS. With ``retry=False`` one attempt only (used to probe for a server)."""
+    """Connect to NATS; once connected, the client reconnects by itself through outages.
+
+    With ``retry=False`` the first connection is one quick attempt (used to probe for a
+    server: nothing listening fails at once); otherwise it is retried for up to
+    ``3 * connect_timeout_s``.
+    """
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats %s: %s", name, exc)
@@ -51,11 +65,10 @@ async def connect(url: str, *, name: str, connect_timeout_s: float = 2.0, retry:
         "name": name,
         "connect_timeout": connect_timeout_s,
         "error_cb": on_error,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
     }
-    if retry:
-        options.update(max_reconnect_attempts=-1, reconnect_time_wait=0.5)
-    else:
-        options.update(allow_reconnect=False, max_reconnect_attempts=0)
+    if not retry:
         await _check_listening(url, connect_timeout_s)
     try:
         return await asyncio.wait_for(nats.connect(url, **options), timeout=connect_timeout_s * 3)
@@ -106,70 +119,111 @@ def _stream_configs(config: Config) -> list[api.StreamConfig]:
     ]
 
 
-_COMPARED_FIELDS = ("subjects", "retention", "storage", "duplicate_window", "max_age", "discard")
+SETUP_HINT = "start `ktrdr-run dispatcher` or run `ktrdr-run setup`"
+
+_STREAM_NOUNS = {JOBS_STREAM: "jobs", EVENTS_STREAM: "events", DEAD_LETTER_STREAM: "dead-lettered jobs"}
+# Stream settings that come from the config: (stream, field) -> the TOML key.
+_STREAM_SETTINGS = {
+    (JOBS_STREAM, "duplicate_window"): "[nats] dedupe_window_s",
+    (EVENTS_STREAM, "max_age"): "[retention] events_s",
+    (DEAD_LETTER_STREAM, "max_age"): "[retention] dead_letter_s",
+}
 
 
-async def _ensure_stream(js: JetStreamContext, wanted: api.StreamConfig) -> None:
-    for _ in range(3):
-        try:
-            info = await js.stream_info(wanted.name)  # type: ignore[arg-type]
-        except NotFoundError:
-            try:
-                await js.add_stream(wanted)
-                log.info("created stream %s", wanted.name)
-                return
-            except BadRequestError:
-                continue  # another process created it meanwhile: bind and compare
-        current = info.config
-        drift = [
-            f
-            for f in _COMPARED_FIELDS
-            if getattr(wanted, f) is not None and getattr(current, f) != getattr(wanted, f)
-        ]
-        if drift:
-            await js.update_stream(wanted)
-            log.info("updated stream %s (%s changed)", wanted.name, ", ".join(drift))
-        return
-    raise NatsUnavailable(f"could not create or bind stream {wanted.name}")
+def _duration(seconds: Any) -> str:
+    """``1209600.0`` -> ``14d``; 0 / None -> ``forever``."""
+    if not seconds:
+        return "forever"
+    value = float(seconds)
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if value >= 120 and value % size == 0:  # under 2 minutes: in seconds
+            return f"{int(value // size)}{unit}"
+    return f"{value:g}s"
 
 
-async def _ensure_kv(js: JetStreamContext, bucket: str, history: int, ttl_s: float | None) -> KeyValue:
-    try:
-        kv = await js.key_value(bucket)
-        stream = f"KV_{bucket}"
-        current = (await js.stream_info(stream)).config
-        if current.max_msgs_per_subject != history:
-            await js.update_stream(_replace_config(current, max_msgs_per_subject=history))
-            log.info("updated KV %s history to %d", bucket, history)
-        return kv
-    except BucketNotFoundError:
-        try:
-            return await js.create_key_value(
-                api.KeyValueConfig(bucket=bucket, history=history, ttl=ttl_s, storage=api.StorageType.FILE)
-            )
-        except BadRequestError:
-            return await js.key_value(bucket)
+def _plain(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
-async def _ensure_object_store(js: JetStreamContext, bucket: str, ttl_s: float) -> ObjectStore:
-    try:
-        store = await js.object_store(bucket)
-        current = (await js.stream_info(f"OBJ_{bucket}")).config
-        if current.max_age != ttl_s:
-            await js.update_stream(_replace_config(current, max_age=ttl_s))
-            log.info("updated object store %s retention to %gs", bucket, ttl_s)
-        return store
-    except (BucketNotFoundError, NotFoundError):
-        try:
-            return await js.create_object_store(
-                bucket, config=api.ObjectStoreConfig(bucket=bucket, ttl=ttl_s, storage=api.StorageType.FILE)
-            )
-        except BadRequestError:
-            return await js.object_store(bucket)
+def _same(current: Any, wanted: Any) -> bool:
+    if isinstance(wanted, float):  # durations: the server keeps nanoseconds
+        return round(float(current or 0) * 1e9) == round(wanted * 1e9)
+    if isinstance(wanted, list):
+        return sorted(current or []) == sorted(wanted)
+    return bool(current == wanted)
 
 
-def _replace_config(config: api.StreamConfig, **changes: Any) -> api.StreamConfig:
-    """A copy of a stream config with ``changes`` applied."""
+@dataclasses.dataclass(frozen=True)
+class _Want:
+    """One setting ktrdr-run sets on a stream or consumer, and how to say it differs."""
+
+    field: str  # the api.StreamConfig / api.ConsumerConfig attribute
+    value: Any
+    says: str  # "keeps events for {}"
+    fmt: Callable[[Any], str] = _plain
+    setting: str = ""  # the config key it comes from; "" when ktrdr-run itself fixes it
+
+    def drift(self, label: str, current: Any) -> str:
+        source = (
+            f"this config says {self.fmt(self.value)} ({self.setting})"
+            if self.setting
+            else (f"ktrdr-run expects {self.fmt(self.value)}")
+        )
+        return f"{label} {self.says.format(self.fmt(current))} on the server; {source}"
+
+    def change(self, label: str, current: Any) -> str:
+        where = f" ({self.setting})" if self.setting else ""
+        return f"{label} now {self.says.format(self.fmt(self.value))}, was {self.fmt(current)}{where}"
+
+
+def _stream_wants(wanted: api.StreamConfig) -> list[_Want]:
+    assert wanted.name is not None
+    noun = _STREAM_NOUNS.get(wanted.name, "messages")
+    says = {
+        "subjects": ("has subjects {}", _plain),
+        "retention": ("has retention {}", _plain),
+        "storage": ("has storage {}", _plain),
+        "duplicate_window": ("de-duplicates job ids over {}", _duration),
+        "max_age": (f"keeps {noun} for {{}}", _duration),
+        "discard": ("has discard policy {}", _plain),
+        "allow_direct": ("has direct get {}", _plain),
+    }
+    return [
+        _Want(field, getattr(wanted, field), text, fmt, _STREAM_SETTINGS.get((wanted.name, field), ""))
+        for field, (text, fmt) in says.items()
+        if getattr(wanted, field) not in (None, 0)  # unset: the server picks (duplicate_window 0 = 2m)
+    ]
+
+
+def _kv_wants(history: int, msg_ttl: bool) -> list[_Want]:
+    wants = [_Want("max_msgs_per_subject", history, "keeps {} revision(s) per key")]
+    if msg_ttl:
+        wants.append(_Want("allow_msg_ttl", True, "has per-message TTLs {}"))
+    return wants
+
+
+def _consumer_wants(wanted: api.ConsumerConfig) -> list[_Want]:
+    def times(value: Any) -> str:
+        return "unlimited" if value is None or value < 0 else str(value)
+
+    return [
+        _Want("filter_subject", wanted.filter_subject, "takes jobs from {}"),
+        _Want("ack_policy", wanted.ack_policy, "has ack policy {}"),
+        _Want("deliver_policy", wanted.deliver_policy, "has deliver policy {}"),
+        _Want("ack_wait", wanted.ack_wait, "waits {} for an ack", _duration, "[dispatcher] ack_wait_s"),
+        _Want("max_deliver", wanted.max_deliver, "delivers a job at most {} times", times),
+        _Want("max_ack_pending", wanted.max_ack_pending, "allows {} unacknowledged jobs", times),
+    ]
+
+
+def _replace_config(config: Any, **changes: Any) -> Any:
+    """A copy of a stream (or consumer) config with ``changes`` applied."""
     return dataclasses.replace(config, **changes)
 
 
@@ -187,7 +241,12 @@ def dispatcher_consumer_config(config: Config) -> api.ConsumerConfig:
 
 
 class JetStreamHandles:
-    """The bound streams and buckets, ready to use."""
+    """The bound streams and buckets, ready to use, and what setting them up found.
+
+    ``drift``: one line per setting whose value on the server differs from the config
+    (in "apply" mode: the value it had before it was updated). ``created`` / ``updated``:
+    what this call created or changed (always empty in "bind" mode).
+    """
 
     def __init__(
         self,
@@ -196,30 +255,189 @@ class JetStreamHandles:
         hosts: KeyValue,
         reservations: KeyValue,
         artifacts: ObjectStore,
+        dispatchers: KeyValue,
+        *,
+        drift: list[str] | None = None,
+        created: list[str] | None = None,
+        updated: list[str] | None = None,
     ):
         self.js = js
         self.ops = ops
         self.hosts = hosts
         self.reservations = reservations
         self.artifacts = artifacts
+        self.dispatchers = dispatchers
+        self.drift: list[str] = drift or []
+        self.created: list[str] = created or []
+        self.updated: list[str] = updated or []
 
 
-async def ensure_jetstream(nc: NATS, config: Config, *, with_consumer: bool = False) -> JetStreamHandles:
-    """Bind (creating where missing) every stream and bucket of the contract."""
+def _server_url(nc: NATS) -> str:
+    """Where ``nc`` is connected, without credentials."""
+    url = nc.connected_url
+    if url is None:
+        return "?"
+    return f"{url.scheme or 'nats'}://{url.hostname}:{url.port or 4222}"
+
+
+class _Setup:
+    """One pass over the contract in one mode, collecting drift, creations and updates."""
+
+    def __init__(self, js: JetStreamContext, mode: SetupMode) -> None:
+        self.js = js
+        self.mode = mode
+        self.drift: list[str] = []
+        self.created: list[str] = []
+        self.updated: list[str] = []
+        self.missing: list[str] = []
+
+    async def stream(
+        self, label: str, stream: str, wants: list[_Want], create: Callable[[], Awaitable[object]]
+    ) -> bool:
+        """Bind ``stream`` (creating it where the mode allows); False when it is missing."""
+        for _ in range(3):
+            try:
+                info = await self.js.stream_info(stream)
+            except NotFoundError:
+                if self.mode == "bind":
+                    self.missing.append(label)
+                    return False
+                try:
+                    await create()
+                except BadRequestError:
+                    continue  # another process created it meanwhile: bind and compare
+                self.created.append(label)
+                log.info("created %s", label)
+                return True
+            current = info.config
+            diffs = [
+                (w, getattr(current, w.field)) for w in wants if not _same(getattr(current, w.field), w.value)
+            ]
+            self.drift.extend(w.drift(label, value) for w, value in diffs)
+            if diffs and self.mode == "apply":
+                changes = {w.field: w.value for w, _ in diffs}
+                max_age = changes.get("max_age")
+                if max_age and "duplicate_window" not in changes and current.duplicate_window:
+                    # the server refuses a duplicate window longer than the max age
+                    changes["duplicate_window"] = min(current.duplicate_window, max_age)
+                try:
+                    await self.js.update_stream(_replace_config(current, **changes))
+                except APIError as exc:
+                    raise JetStreamSetupError(
+                        f"the NATS server refuses to change {label}: {exc.description or exc}"
+                    ) from None
+                self.updated.extend(w.change(label, value) for w, value in diffs)
+                log.info("updated %s", label)
+            return True
+        raise NatsUnavailable(f"could not create or bind {label}")
+
+    async def consumer(self, wanted: api.ConsumerConfig) -> None:
+        """Compare the dispatchers' durable consumer; create (and in "apply" update) it."""
+        assert wanted.durable_name is not None
+        label = f"consumer {wanted.durable_name}"
+        try:
+            current: api.ConsumerConfig | None = (
+                await self.js.consumer_info(JOBS_STREAM, wanted.durable_name)
+            ).config
+        except NotFoundError:
+            current = None
+        if current is None:
+            if self.mode != "bind":  # dispatchers create it when they start; nobody else needs it
+                await self.js.add_consumer(JOBS_STREAM, wanted)
+                self.created.append(label)
+            return
+        diffs = [(w, getattr(current, w.field)) for w in _consumer_wants(wanted)]
+        diffs = [(w, value) for w, value in diffs if not _same(value, w.value)]
+        self.drift.extend(w.drift(label, value) for w, value in diffs)
+        if diffs and self.mode == "apply":
+            try:
+                await self.js.add_consumer(JOBS_STREAM, wanted)
+            except APIError as exc:
+                raise JetStreamSetupError(
+                    f"the NATS server refuses to change {label}: {exc.description or exc}"
+                ) from None
+            self.updated.extend(w.change(label, value) for w, value in diffs)
+            log.info("updated %s", label)
+
+
+async def ensure_jetstream(nc: NATS, config: Config, *, mode: SetupMode = "bind") -> JetStreamHandles:
+    """Bind every stream, bucket and the object store of the contract; what else happens
+    depends on ``mode``:
+
+    - ``"bind"``: only look up; change nothing. Anything missing raises
+      JetStreamSetupError saying how to set it up. For read-only commands.
+    - ``"create"``: create what is missing (a fresh server has nothing), never change what
+      exists. For commands that submit work.
+    - ``"apply"``: create what is missing and update every setting that differs from
+      ``config``, including the dispatchers' durable consumer. Only for the service
+      (``ktrdr-run dispatcher``) and ``ktrdr-run setup``.
+
+    Settings that differ from ``config`` are listed in ``handles.drift`` in every mode.
+    """
     js = nc.jetstream()
+    setup = _Setup(js, mode)
     try:
-        for stream in _stream_configs(config):
-            await _ensure_stream(js, stream)
-        # history 1: when a finished record's TTL runs out, no older revision resurfaces
-        ops = await _ensure_kv(js, OPS_BUCKET, history=1, ttl_s=None)
-        hosts = await _ensure_kv(js, HOSTS_BUCKET, history=1, ttl_s=None)
-        reservations = await _ensure_kv(js, RESERVATIONS_BUCKET, history=1, ttl_s=None)
-        artifacts = await _ensure_object_store(js, ARTIFACTS_BUCKET, config.retention.artifacts_s)
-        if with_consumer:
-            await js.add_consumer(JOBS_STREAM, dispatcher_consumer_config(config))
+        for wanted in _stream_configs(config):
+            assert wanted.name is not None
+            await setup.stream(
+                f"stream {wanted.name}",
+                wanted.name,
+                _stream_wants(wanted),
+                functools.partial(js.add_stream, wanted),
+            )
+        # history 1: when a finished record's TTL runs out, no older revision resurfaces;
+        # per-message TTLs: finished op records, and dispatchers' presence entries
+        buckets = [
+            (OPS_BUCKET, True),
+            (HOSTS_BUCKET, False),
+            (RESERVATIONS_BUCKET, False),
+            (DISPATCHERS_BUCKET, True),
+        ]
+        for bucket, msg_ttl in buckets:
+            kv_config = api.KeyValueConfig(bucket=bucket, history=1, storage=api.StorageType.FILE)
+            await setup.stream(
+                f"KV {bucket}",
+                f"KV_{bucket}",
+                _kv_wants(1, msg_ttl),
+                functools.partial(js.create_key_value, kv_config),
+            )
+        artifacts_s = config.retention.artifacts_s
+        await setup.stream(
+            f"object store {ARTIFACTS_BUCKET}",
+            f"OBJ_{ARTIFACTS_BUCKET}",
+            [_Want("max_age", artifacts_s, "keeps artifacts for {}", _duration, "[retention] artifacts_s")],
+            functools.partial(
+                js.create_object_store,
+                ARTIFACTS_BUCKET,
+                config=api.ObjectStoreConfig(
+                    bucket=ARTIFACTS_BUCKET, ttl=artifacts_s, storage=api.StorageType.FILE
+                ),
+            ),
+        )
+        if setup.missing:
+            url = _server_url(nc)
+            total = len(_stream_configs(config)) + len(buckets) + 1
+            if len(setup.missing) == total:
+                raise JetStreamSetupError(f"no ktrdr-run streams on the NATS server at {url}: {SETUP_HINT}")
+            raise JetStreamSetupError(
+                f"the NATS server at {url} lacks ktrdr-run's {', '.join(setup.missing)}: {SETUP_HINT}"
+            )
+        await setup.consumer(dispatcher_consumer_config(config))
+        handles = JetStreamHandles(
+            js,
+            ops=await js.key_value(OPS_BUCKET),
+            hosts=await js.key_value(HOSTS_BUCKET),
+            reservations=await js.key_value(RESERVATIONS_BUCKET),
+            artifacts=await js.object_store(ARTIFACTS_BUCKET),
+            dispatchers=await js.key_value(DISPATCHERS_BUCKET),
+            drift=setup.drift,
+            created=setup.created,
+            updated=setup.updated,
+        )
     except nats.js.errors.ServiceUnavailableError as exc:
         raise NatsUnavailable(
-            f"the NATS server at {nc.connected_url.netloc if nc.connected_url else '?'} has no JetStream "
-            f"enabled ({exc}); start it with -js"
+            f"the NATS server at {_server_url(nc)} has no JetStream enabled ({exc}); start it with -js"
         ) from None
-    return JetStreamHandles(js, ops, hosts, reservations, artifacts)
+    for line in setup.drift:
+        log.debug("drift: %s", line)
+    return handles

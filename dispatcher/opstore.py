@@ -3,15 +3,21 @@
 Every state change publishes a ``status`` event, so observers that read the event
 stream see the same transitions as those that watch the bucket. A transition into a
 terminal state succeeds at most once per op.
+
+Fencing: a write made for an :class:`Owner` (one dispatcher, one attempt) first checks
+that the record still names that owner, and raises :class:`OwnershipLost` when another
+dispatcher took the op over. A write whose reply was lost (NATS timed out after the
+server applied it) is recognised by reading the record back, never mistaken for a
+conflict.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
-from dispatcher.errors import OpNotFound
+from dispatcher.errors import OpNotFound, OwnershipLost
 from runner.protocol import (
     TERMINAL_STATES,
     OpRecord,
@@ -68,6 +74,18 @@ async def retrying(fn: Callable[[], Awaitable[T]], *, what: str, deadline_s: flo
             delay_s = min(delay_s * 2, 2.0)
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who may write an op record: one dispatcher, for one attempt of the op."""
+
+    dispatcher: str
+    attempt: int
+
+    def holds(self, record: OpRecord) -> bool:
+        """Whether ``record`` still names this owner."""
+        return record.dispatcher == self.dispatcher and record.attempts == self.attempt
+
+
 class OpStore:
     """Reads and compare-and-set writes of op records.
 
@@ -97,15 +115,19 @@ class OpStore:
         await self._publish_status(record)
         return True
 
-    async def get(self, op_id: str) -> tuple[OpRecord, int]:
-        """The record and its KV revision; OpNotFound if there is none."""
+    async def _read(self, op_id: str) -> tuple[bytes, int]:
         try:
             entry = await retrying(lambda: self.kv.get(op_id), what=f"read op {op_id}")
         except KeyNotFoundError:
             raise OpNotFound(op_id) from None
         if entry.value is None:
             raise OpNotFound(op_id)
-        return record_decoder.decode(entry.value), int(entry.revision or 0)
+        return bytes(entry.value), int(entry.revision or 0)
+
+    async def get(self, op_id: str) -> tuple[OpRecord, int]:
+        """The record and its KV revision; OpNotFound if there is none."""
+        raw, revision = await self._read(op_id)
+        return record_decoder.decode(raw), revision
 
     async def find(self, op_id: str) -> OpRecord | None:
         """The record, or None."""
@@ -114,27 +136,49 @@ class OpStore:
         except OpNotFound:
             return None
 
-    async def update(self, op_id: str, mutate: Mutation) -> OpRecord | None:
+    async def update(self, op_id: str, mutate: Mutation, *, owner: Owner | None = None) -> OpRecord | None:
         """Apply ``mutate`` by compare-and-set, retrying on conflict.
 
         ``mutate`` returns the new record, or None to leave it unchanged (then this
-        returns None).
+        returns None). With ``owner``, :class:`OwnershipLost` is raised when the record
+        no longer names that owner.
         """
         while True:
-            current, revision = await self.get(op_id)
+            raw, revision = await self._read(op_id)
+            current = record_decoder.decode(raw)
+            if owner is not None and not owner.holds(current):
+                raise OwnershipLost(op_id, current.dispatcher, current.attempts)
             updated = mutate(current)
             if updated is None:
                 return None
-            ttl = self.retention_s if updated.terminal else None
+            if await self._write(op_id, updated, revision):
+                return updated
+
+    async def _write(self, op_id: str, updated: OpRecord, revision: int) -> bool:
+        """One compare-and-set write; False on a conflict. A write whose reply was lost is
+        settled by reading the record back: our bytes there mean it was applied."""
+        data = encode(updated)
+        ttl = self.retention_s if updated.terminal else None
+        give_up = time.monotonic() + 600.0
+        delay_s = 0.1
+        while True:
             try:
                 # kv.update has no TTL argument; _update is what it calls, with one.
-                await retrying(
-                    functools.partial(self.kv._update, op_id, encode(updated), last=revision, msg_ttl=ttl),
-                    what=f"update op {op_id}",
-                )
-                return updated
+                await self.kv._update(op_id, data, last=revision, msg_ttl=ttl)
+                return True
             except KeyWrongLastSequenceError:
-                continue
+                return False
+            except TRANSIENT_ERRORS as exc:
+                if time.monotonic() >= give_up:
+                    raise
+                log.info("update op %s: NATS unavailable (%s); checking", op_id, type(exc).__name__)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+            raw, now_revision = await self._read(op_id)
+            if raw == data and now_revision > revision:
+                return True  # it was applied; only the reply was lost
+            if now_revision != revision:
+                return False  # someone else wrote in between: a real conflict
 
     async def transition(
         self,
@@ -142,13 +186,15 @@ class OpStore:
         state: str,
         *,
         allowed_from: Iterable[str],
+        owner: Owner | None = None,
         message: str = "",
         **changes: Any,
     ) -> OpRecord | None:
         """Move the op to ``state`` if it is now in one of ``allowed_from``.
 
         Returns the new record, or None when the op was elsewhere (someone else moved
-        it, or it is already terminal). Publishes the status event on success.
+        it, or it is already terminal). With ``owner``, raises :class:`OwnershipLost`
+        when the op is no longer that owner's. Publishes the status event on success.
         """
         allowed = frozenset(allowed_from) - TERMINAL_STATES
 
@@ -159,7 +205,7 @@ class OpStore:
             stamps[state] = now()
             return msgspec.structs.replace(record, state=state, timestamps=stamps, **changes)
 
-        updated = await self.update(op_id, mutate)
+        updated = await self.update(op_id, mutate, owner=owner)
         if updated is not None:
             log.info("op %s -> %s%s", op_id, state, f" on {updated.host}" if updated.host else "")
             await self._publish_status(updated, message)
@@ -181,18 +227,27 @@ class OpStore:
         )
 
     async def list(self) -> list[OpRecord]:
-        """Every op record in the bucket."""
+        """Every op record in the bucket (one pass over the bucket's current values)."""
+        records: list[OpRecord] = []
+
+        async def read_all() -> None:
+            records.clear()
+            watcher = await self.kv.watchall(ignore_deletes=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the current values are done; live updates follow
+                        return
+                    if not entry.value:
+                        continue
+                    try:
+                        records.append(record_decoder.decode(entry.value))
+                    except msgspec.DecodeError as exc:
+                        log.warning("op record %s is unreadable (%s); skipped", entry.key, exc)
+            finally:
+                await watcher.stop()
+
         try:
-            keys = await retrying(self.kv.keys, what="list ops")
+            await retrying(read_all, what="list ops")
         except NoKeysError:
             return []
-        records = []
-        for key in keys:
-            try:
-                record = await self.find(key)
-            except msgspec.DecodeError as exc:
-                log.warning("op record %s is unreadable (%s); skipped", key, exc)
-                continue
-            if record is not None:
-                records.append(record)
         return records

@@ -8,14 +8,15 @@ the fields that go with it.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nats.aio.msg import Msg
-
 from dispatcher.engine import ContainerExit, DockerEngine
+from dispatcher.opstore import Owner
 from dispatcher.placement import Reservation
 from runner.protocol import (
+    EXIT_RUNNER_UNREACHABLE,
     CancelAckEvent,
     CancelIntent,
     CancelRequest,
@@ -30,14 +31,15 @@ from runner.protocol import (
 
 @dataclass
 class OpRun:
-    """One op this dispatcher is running or has adopted. ``msg`` is None for an op adopted
-    after a restart (its job message is no longer ours to acknowledge)."""
+    """One attempt of an op this dispatcher owns: started here, or taken over from a
+    dispatcher that died. The job message is not held while the op runs: once the op is
+    claimed, its record and this dispatcher's lease carry it."""
 
     op_id: str
     job: Job
-    msg: Msg | None
     reservation: Reservation
     engine: DockerEngine
+    owner: Owner
     attempt: int = 1
     container_id: str = ""
     started_ts: float = 0.0
@@ -53,7 +55,22 @@ class OpRun:
     forced: bool = False
     timed_out: bool = False
     removed: bool = False
-    requeued: bool = False
+    runner_url: str = ""
+    #: Whether the runner was heard from in this attempt (any event of the attempt).
+    seen_runner: bool = False
+    #: time.monotonic() of the last sign of life (or of the start, before the first one).
+    last_seen: float = field(default_factory=time.monotonic)
+    #: Why the dispatcher ended the attempt early ("" while it runs): runner_unreachable,
+    #: lost (heartbeat silence), host_down, ownership_lost.
+    abort_reason: str = ""
+    abort_message: str = ""
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def abort(self, reason: str, message: str) -> None:
+        """End the attempt early; the supervisor acts on the first reason given."""
+        if not self.abort_reason:
+            self.abort_reason, self.abort_message = reason, message
+            self.aborted.set()
 
     def note(self, event: Any) -> None:
         """Keep an outcome event the runner published."""
@@ -85,6 +102,15 @@ def classify(run: OpRun, ending: ContainerExit, exit_code: int) -> tuple[str, di
         acked=run.cancel_ack is not None,
         forced=run.forced and run.cancel_ack is None,
     )
+    if run.abort_reason == "runner_unreachable" or (
+        not run.seen_runner and exit_code == EXIT_RUNNER_UNREACHABLE and run.result is None
+    ):
+        said = next((line for line in reversed(ending.log_tail) if "cannot reach NATS" in line), "")
+        message = run.abort_message or f"the runner could not reach NATS at {run.runner_url}"
+        if said and said not in message:
+            message = f"{message} (the runner said: {said.removeprefix('runner: ')})"
+        fields["error"] = ErrorInfo(reason="runner_unreachable", message=message)
+        return "failed", fields
     if run.timed_out:
         timeout = run.job.timeout_s or 0.0
         fields["error"] = ErrorInfo(reason="timeout", message=f"timed out after {timeout:g}s")

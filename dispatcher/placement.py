@@ -15,6 +15,7 @@ Ranking (:func:`rank_hosts`) is a pure function:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from nats.js.kv import KeyValue
 from discovery.base import Host
 from discovery.gpu import gpu_device_ids
 from discovery.health import kv_key
-from dispatcher.opstore import retrying
+from dispatcher.opstore import TRANSIENT_ERRORS, retrying
 from runner.protocol import HostReservation, HostReservations, Resources, now
 
 log = logging.getLogger("ktrdr.placement")
@@ -44,6 +45,7 @@ class Reservation:
     cpus: float
     memory_bytes: int
     gpu_ids: tuple[str, ...] = ()
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,16 +160,29 @@ class Placement:
         return _decoder.decode(entry.value), int(entry.revision or 0)
 
     async def _write(self, host_name: str, reservations: HostReservations, revision: int) -> bool:
+        """One compare-and-set write; False on a conflict. A write whose reply was lost is
+        recognised by reading back our own bytes."""
         data = msgspec.json.encode(reservations)
-        try:
-            if revision:
-                await retrying(
-                    lambda: self.kv.update(kv_key(host_name), data, last=revision), what="write reservations"
-                )
-            else:
-                await retrying(lambda: self.kv.create(kv_key(host_name), data), what="create reservations")
-        except KeyWrongLastSequenceError:
-            return False
+        key = kv_key(host_name)
+        while True:
+            try:
+                if revision:
+                    await self.kv.update(key, data, last=revision)
+                else:
+                    await self.kv.create(key, data)
+                break
+            except KeyWrongLastSequenceError:
+                return False
+            except TRANSIENT_ERRORS:
+                await asyncio.sleep(0.2)
+            try:
+                entry = await retrying(lambda: self.kv.get(key), what=f"read reservations of {host_name}")
+            except KeyNotFoundError:
+                continue  # nothing was written: try again
+            if entry.value == data and int(entry.revision or 0) > revision:
+                break  # applied; only the reply was lost
+            if int(entry.revision or 0) != revision:
+                return False
         self._cache[host_name] = usage_of(reservations)
         return True
 
@@ -182,9 +197,10 @@ class Placement:
         return self._cache.get(host_name, Usage())
 
     async def reserve(
-        self, op_id: str, resources: Resources, hosts: list[Host], gpu_usable: GpuUsable
+        self, op_id: str, resources: Resources, hosts: list[Host], gpu_usable: GpuUsable, attempt: int = 0
     ) -> Reservation | None:
-        """Reserve room for the op on the best host it fits on now, or None."""
+        """Reserve room for attempt ``attempt`` of the op on the best host it fits on now,
+        or None."""
         await self.refresh_usage(hosts)
         for host, _gpu_ids in rank_hosts(hosts, self.usage, resources, gpu_usable):
             for _ in range(8):  # compare-and-set: re-read and re-check on conflict
@@ -193,12 +209,12 @@ class Placement:
                 fits = rank_hosts([host], self.usage, resources, gpu_usable)
                 if not fits:
                     break
-                reservations[op_id] = self._entry(resources, fits[0][1])
+                reservations[op_id] = self._entry(resources, fits[0][1], attempt)
                 if await self._write(host.name, reservations, revision):
-                    return Reservation(op_id, host, *need_of(resources), fits[0][1])
+                    return Reservation(op_id, host, *need_of(resources), fits[0][1], attempt)
         return None
 
-    def _entry(self, resources: Resources, gpu_ids: tuple[str, ...]) -> HostReservation:
+    def _entry(self, resources: Resources, gpu_ids: tuple[str, ...], attempt: int) -> HostReservation:
         need_cpus, need_memory = need_of(resources)
         return HostReservation(
             cpus=need_cpus,
@@ -206,25 +222,34 @@ class Placement:
             gpu_ids=list(gpu_ids),
             dispatcher=self.dispatcher_id,
             ts=now(),
+            attempt=attempt,
         )
 
     async def adopt(
-        self, op_id: str, resources: Resources, host: Host, gpu_ids: tuple[str, ...] = ()
+        self, op_id: str, resources: Resources, host: Host, attempt: int, gpu_ids: tuple[str, ...] = ()
     ) -> Reservation:
-        """Hold what an already running op holds (after a restart), fit or not."""
+        """Hold what an already running op holds (taken over from a dead dispatcher), fit
+        or not: its entry now names this dispatcher."""
         while True:
             reservations, revision = await self._read(host.name)
-            if op_id in reservations:
-                gpu_ids = tuple(reservations[op_id].gpu_ids)
-                break
-            reservations[op_id] = self._entry(resources, gpu_ids)
+            held = reservations.get(op_id)
+            if held is not None:
+                gpu_ids = tuple(held.gpu_ids)
+            reservations[op_id] = self._entry(resources, gpu_ids, attempt)
             if await self._write(host.name, reservations, revision):
                 break
-        return Reservation(op_id, host, *need_of(resources), gpu_ids)
+        return Reservation(op_id, host, *need_of(resources), gpu_ids, attempt)
 
     async def release(self, reservation: Reservation) -> None:
-        """Free what the op held."""
-        await self.drop(reservation.host.name, {reservation.op_id})
+        """Free what the op held, unless another dispatcher or attempt holds it now."""
+        while True:
+            reservations, revision = await self._read(reservation.host.name)
+            held = reservations.get(reservation.op_id)
+            if held is None or held.dispatcher != self.dispatcher_id or held.attempt != reservation.attempt:
+                return
+            del reservations[reservation.op_id]
+            if await self._write(reservation.host.name, reservations, revision):
+                return
 
     async def drop(self, host_name: str, op_ids: set[str]) -> None:
         """Remove these ops' reservations from a host."""

@@ -1,13 +1,22 @@
-"""Reconciliation when a dispatcher starts: make the engine and the op records agree.
+"""Taking over the ops of dispatchers that died, and reaping containers nobody owns.
 
-- A container whose op is still active and whose dispatcher no longer answers is
-  re-adopted (claimed by compare-and-set on the record) and followed to its end; one
-  that exited meanwhile is concluded from its exit code and the event stream.
-- A container whose op is terminal, unknown, or belongs to another attempt is removed.
-- An active op whose dispatcher is gone and whose container vanished becomes ``lost``
-  and is requeued while attempts remain (``failed`` otherwise).
+A dispatcher is dead when its lease in KV ``ktrdr_dispatchers`` expired
+(:mod:`dispatcher.liveness`): it was killed, frozen or cut off for longer than
+``lease_s``. Every service dispatcher sweeps every ``lease_s / 2`` (only while its own
+lease is steady, so an outage that expired everyone's lease does not start a stampede):
 
-Ops owned by a dispatcher that answers a ping are left alone.
+- an active op of a dead dispatcher is claimed by compare-and-set (the record must still
+  name the dead owner and the same attempt) and then adopted — its container followed to
+  the end, or concluded from its exit code if it already exited — or, when its host does
+  not answer, its container vanished or it was never started, made ``lost`` and requeued
+  (``failed`` once its attempts are used up);
+- a queued op whose requeuer died before publishing its job message gets that message
+  published (idempotently: same message id).
+
+Reaping (when a dispatcher starts, and when a host that was down answers again): a
+labelled container is removed when its op is finished or unknown, or when it belongs to
+an attempt the op no longer runs. A container of the current attempt whose owner lives
+is left alone.
 """
 
 from __future__ import annotations
@@ -21,16 +30,19 @@ import msgspec
 
 from discovery.base import DiscoveryError, Host
 from dispatcher.engine import DockerEngine
-from dispatcher.errors import KtrdrError
+from dispatcher.errors import KtrdrError, OwnershipLost
+from dispatcher.liveness import live_dispatchers
+from dispatcher.opstore import Owner
+from dispatcher.outcome import OpRun
+from dispatcher.supervisor import job_from_record
 from runner.protocol import (
     ACTIVE_STATES,
-    DISPATCHER_PING_SUBJECT,
     EVENTS_STREAM,
+    LABEL_ATTEMPT,
+    LABEL_CLUSTER,
     LABEL_DISPATCHER,
     LABEL_OP_ID,
     CancelRequest,
-    DispatcherInfo,
-    ErrorInfo,
     OpRecord,
     event_decoder,
     now,
@@ -43,128 +55,196 @@ if TYPE_CHECKING:
 log = logging.getLogger("ktrdr.reconcile")
 
 
-async def live_dispatchers(nc: Any, timeout_s: float = 0.5) -> set[str]:
-    """Ids of the dispatchers that answer a ping within ``timeout_s``."""
-    inbox = nc.new_inbox()
-    answers: set[str] = set()
-
-    async def collect(msg: Any) -> None:
-        with contextlib.suppress(msgspec.DecodeError):
-            answers.add(msgspec.json.decode(msg.data, type=DispatcherInfo).dispatcher_id)
-
-    sub = await nc.subscribe(inbox, cb=collect)
-    await nc.publish(DISPATCHER_PING_SUBJECT, b"", reply=inbox)
-    await asyncio.sleep(timeout_s)
-    await sub.unsubscribe()
-    return answers
-
-
 async def reconcile(d: Dispatcher) -> None:
-    """Adopt, reap and requeue on every host we can reach, as the module says."""
-    live = await live_dispatchers(d.nc) - {d.dispatcher_id}
-    adopted: set[str] = set()
-    checked: set[str] = set()
+    """On start: reap every reachable host, then take over what dead dispatchers left."""
+    live = await live_dispatchers(d.leases_kv)
     for host in d.fleet.hosts():
+        await reap_host(d, host.name, live)
+    await take_over_orphans(d, live)
+
+
+async def sweep(d: Dispatcher) -> None:
+    """Take over dead dispatchers' ops, every ``lease_s / 2``, for the dispatcher's life."""
+    interval_s = d.config.dispatcher.lease_s / 2
+    while True:
+        await asyncio.sleep(interval_s)
+        if not d.lease.stable:
+            continue  # we may be the one cut off: decide nothing about others now
         try:
-            engine = await d.fleet.engine(host)
-            containers: list[dict[str, Any]] = await engine.call(
-                engine.api.containers, all=True, filters={"label": LABEL_OP_ID}
-            )
-        except (KtrdrError, DiscoveryError) as exc:
-            log.warning("reconcile: host %s unreachable (%s); skipped", host.name, exc)
-            continue
-        checked.add(host.name)
-        for container in containers:
-            if await _reconcile_container(d, host, engine, container, live):
-                adopted.add(container["Labels"][LABEL_OP_ID])
+            await take_over_orphans(d, await live_dispatchers(d.leases_kv))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dispatcher %s: sweep failed", d.dispatcher_id)
 
-    down = {h.name for h in d.fleet.all_hosts()} - checked
+
+def _orphaned(d: Dispatcher, record: OpRecord, live: set[str]) -> bool:
+    if record.dispatcher == d.dispatcher_id:  # ours from an earlier life of this id
+        return record.op_id not in d.runs and record.op_id not in d.claiming
+    return record.dispatcher not in live
+
+
+async def take_over_orphans(d: Dispatcher, live: set[str]) -> None:
+    """Claim and adopt (or requeue) every active op whose dispatcher is dead."""
     for record in await d.store.list():
-        if record.state not in ACTIVE_STATES or record.op_id in adopted or record.dispatcher in live:
-            continue
-        if record.host in checked:
-            await requeue_lost(d, record, "its container vanished while no dispatcher watched it")
-        elif record.host in down:
-            await requeue_lost(d, record, f"its host {record.host} does not answer")
+        if record.state in ACTIVE_STATES and _orphaned(d, record, live):
+            try:
+                await take_over(d, record)
+            except OwnershipLost:
+                pass  # someone else took it first
+            except (KtrdrError, DiscoveryError) as exc:
+                log.warning("op %s: take-over failed (%s); next sweep tries again", record.op_id, exc)
+        elif (
+            record.state == "queued"
+            and record.attempts >= 1
+            and _orphaned(d, record, live)
+            and now() - record.timestamps.get("queued", 0.0) < d.config.nats.dedupe_window_s * 0.9
+        ):
+            # its requeuer may have died before publishing the job message: publish it
+            # again with the same message id (a no-op when it was published)
+            await d.supervisor.publish_requeued(record)
 
-    for host_name in checked:  # reservations of ops nobody runs any more
-        stale = set()
-        for op_id in await d.placement.reserved_ops(host_name):
-            holder = await d.store.find(op_id)
-            if holder is None or holder.terminal or (holder.dispatcher not in live and op_id not in d.runs):
-                stale.add(op_id)
-        if stale:
-            log.info("reconcile: dropping %d stale reservation(s) on %s", len(stale), host_name)
-            await d.placement.drop(host_name, stale)
 
-
-async def _reconcile_container(
-    d: Dispatcher, host: Host, engine: DockerEngine, container: dict[str, Any], live: set[str]
-) -> bool:
-    """Reap or adopt one labelled container; True when its op is now ours."""
-    from dispatcher.outcome import OpRun
-    from dispatcher.service import job_from_record
-
-    labels = container.get("Labels") or {}
-    op_id, owner, cid = labels.get(LABEL_OP_ID, ""), labels.get(LABEL_DISPATCHER, ""), container["Id"]
-    if owner in live:
-        return False
-    record = await d.store.find(op_id)
-    if record is None or record.terminal or record.container_id != cid:
-        why = "no op record" if record is None else (record.state if record.terminal else "another attempt")
-        log.info("removing container %s of op %s on %s (%s)", cid[:12], op_id, host.name, why)
-        await engine.remove(cid)
-        return False
+async def take_over(d: Dispatcher, record: OpRecord) -> None:
+    """Claim one orphaned active op, then adopt its container or requeue it."""
+    dead = record.dispatcher
 
     def claim(current: OpRecord) -> OpRecord | None:
-        if current.terminal or current.container_id != cid or current.dispatcher in live:
+        if (current.state, current.dispatcher, current.attempts) != (record.state, dead, record.attempts):
             return None
         return msgspec.structs.replace(current, dispatcher=d.dispatcher_id)
 
-    claimed = await d.store.update(op_id, claim)
+    claimed = await d.store.update(record.op_id, claim)
     if claimed is None:
-        return False
-    if container.get("State") == "created":  # created, never started: start over
-        await engine.remove(cid)
-        await requeue_lost(d, claimed, "its dispatcher died before starting the container")
-        return True
-    log.info("op %s: adopting container %s on %s (%s)", op_id, cid[:12], host.name, container.get("State"))
-    run = OpRun(
-        op_id=op_id,
-        job=job_from_record(claimed),
-        msg=None,
-        reservation=await d.placement.adopt(op_id, claimed.resources, host),
-        engine=engine,
-        attempt=claimed.attempts,
-        container_id=cid,
-        started_ts=claimed.timestamps.get("starting", 0.0),
-        running_ts=claimed.timestamps.get("running", 0.0),
-        logs_since=now(),
+        return
+    owner = Owner(d.dispatcher_id, claimed.attempts)
+    log.info(
+        "op %s: taking over from %s (%s, attempt %d)", claimed.op_id, dead, claimed.state, claimed.attempts
     )
-    d.runs[op_id] = run
-    d.spawn(d._supervise(run, claimed, adopted=True))
-    request = await _pending_cancel(d, claimed, run.started_ts)
-    if request is not None:
-        await d.request_cancel(op_id, request)
-    return True
-
-
-async def requeue_lost(d: Dispatcher, record: OpRecord, why: str) -> None:
-    """Mark an op lost and requeue it, or fail it once its attempts are used up."""
-    if record.attempts >= d.config.dispatcher.max_attempts:
-        log.warning("op %s lost (%s) after %d attempts; failing it", record.op_id, why, record.attempts)
-        await d.store.transition(
-            record.op_id,
-            "failed",
-            allowed_from=ACTIVE_STATES,
-            error=ErrorInfo(reason="lost", message=f"lost: {why} (attempt {record.attempts})"),
+    host = d.fleet.host(claimed.host)
+    if claimed.state == "placing" or not claimed.container_id:
+        await requeue_lost(d, claimed, owner, f"its dispatcher {dead} died before starting the container")
+        return
+    if host is None or not d.fleet.usable(host.name):
+        await requeue_lost(
+            d, claimed, owner, f"its dispatcher {dead} died and its host {claimed.host} does not answer"
         )
         return
+    engine = await d.fleet.engine(host)
+    try:
+        attrs = await engine.call(engine.api.inspect_container, claimed.container_id)
+    except KtrdrError as exc:
+        if "No such container" not in str(exc) and "404" not in str(exc):
+            raise
+        await requeue_lost(d, claimed, owner, "its container vanished while no dispatcher watched it")
+        return
+    if (attrs.get("State") or {}).get("Status") == "created":  # created, never started
+        await engine.remove(claimed.container_id)
+        await requeue_lost(d, claimed, owner, f"its dispatcher {dead} died before starting the container")
+        return
+    await adopt(d, claimed, owner, host, engine)
+
+
+async def adopt(d: Dispatcher, record: OpRecord, owner: Owner, host: Host, engine: DockerEngine) -> None:
+    """Follow a running (or exited) container of an op this dispatcher now owns."""
+    log.info("op %s: adopting container %s on %s", record.op_id, record.container_id[:12], host.name)
+    run = OpRun(
+        op_id=record.op_id,
+        job=job_from_record(record),
+        reservation=await d.placement.adopt(record.op_id, record.resources, host, record.attempts),
+        engine=engine,
+        owner=owner,
+        attempt=record.attempts,
+        container_id=record.container_id,
+        started_ts=record.timestamps.get("starting", 0.0),
+        running_ts=record.timestamps.get("running", 0.0),
+        logs_since=now(),
+        seen_runner=True,  # it ran under its old owner; from now on silence counts
+    )
+    with contextlib.suppress(Exception):
+        run.runner_url = await d.supervisor.runner_url(host.name, engine)
+    d.runs[run.op_id] = run
+
+    async def follow() -> None:
+        try:
+            await d.supervisor.supervise(run, record, adopted=True)
+        finally:
+            d.runs.pop(run.op_id, None)
+
+    d.spawn(follow())
+    request = await _pending_cancel(d, record)
+    if request is not None:
+        await d.request_cancel(record.op_id, request)
+
+
+async def requeue_lost(d: Dispatcher, record: OpRecord, owner: Owner, why: str) -> None:
+    """Mark an op lost and requeue it, or fail it once its attempts are used up."""
+    if record.attempts >= d.config.dispatcher.max_attempts:
+        await d.supervisor.fail(record.op_id, owner, "lost", f"lost: {why} (attempt {record.attempts})")
+        return
     log.warning("op %s lost (%s); requeueing", record.op_id, why)
-    await d.requeue(record.op_id, why, allowed_from=ACTIVE_STATES, delay_s=0.0, msg=None, lost=True)
+    await d.supervisor.requeue(record.op_id, why, owner=owner, delay_s=0.0, lost=True)
 
 
-async def _pending_cancel(d: Dispatcher, record: OpRecord, started_ts: float) -> CancelRequest | None:
+async def reap_host(d: Dispatcher, host_name: str, live: set[str] | None = None) -> None:
+    """Remove the labelled containers on a host that no op attempt owns."""
+    host = d.fleet.host(host_name)
+    if host is None:
+        return
+    try:
+        engine = await d.fleet.engine(host)
+        containers: list[dict[str, Any]] = await engine.call(
+            engine.api.containers,
+            all=True,
+            filters={"label": [LABEL_OP_ID, f"{LABEL_CLUSTER}={d.supervisor.deployment}"]},
+        )
+    except (KtrdrError, DiscoveryError) as exc:
+        log.warning("reap: host %s unreachable (%s); skipped", host_name, exc)
+        return
+    if live is None:
+        live = await live_dispatchers(d.leases_kv)
+    for container in containers:
+        why = await _stale(d, container, live)
+        if why:
+            labels = container.get("Labels") or {}
+            log.info(
+                "removing container %s of op %s on %s (%s)",
+                container["Id"][:12],
+                labels.get(LABEL_OP_ID, "?"),
+                host_name,
+                why,
+            )
+            with contextlib.suppress(KtrdrError):
+                await engine.remove(container["Id"])
+    stale_reservations = set()
+    for op_id in await d.placement.reserved_ops(host_name):
+        holder = await d.store.find(op_id)
+        if holder is None or holder.terminal or (_orphaned(d, holder, live) and holder.state == "queued"):
+            stale_reservations.add(op_id)
+    if stale_reservations:
+        log.info("reap: dropping %d stale reservation(s) on %s", len(stale_reservations), host_name)
+        await d.placement.drop(host_name, stale_reservations)
+
+
+async def _stale(d: Dispatcher, container: dict[str, Any], live: set[str]) -> str:
+    """Why a labelled container should go ("" when it belongs to a live attempt)."""
+    labels = container.get("Labels") or {}
+    op_id, cid = labels.get(LABEL_OP_ID, ""), container["Id"]
+    record = await d.store.find(op_id)
+    if record is None:
+        return "no op record"
+    if record.terminal:
+        return f"op {record.state}"
+    if record.container_id == cid:
+        return ""  # the current attempt's: its owner (or a take-over) follows it
+    same_attempt = labels.get(LABEL_ATTEMPT, "") == str(record.attempts)
+    owner_alive = labels.get(LABEL_DISPATCHER, "") == record.dispatcher and not _orphaned(d, record, live)
+    if same_attempt and record.state in ("placing", "starting") and owner_alive:
+        return ""  # being started right now
+    return "an attempt the op no longer runs"
+
+
+async def _pending_cancel(d: Dispatcher, record: OpRecord) -> CancelRequest | None:
     """A cancel intent recorded, or published while no dispatcher listened."""
     if record.cancel is not None:
         return CancelRequest(
@@ -177,7 +257,7 @@ async def _pending_cancel(d: Dispatcher, record: OpRecord, started_ts: float) ->
         raw = await d.js.get_last_msg(EVENTS_STREAM, op_subject(record.op_id, "cancel"))
     except Exception:  # noqa: BLE001 - no cancel request for this op
         return None
+    if int(raw.seq or 0) <= record.cancel_floor_seq:
+        return None
     request = event_decoder.decode(raw.data or b"{}")
-    if isinstance(request, CancelRequest) and request.ts >= started_ts - 1.0:
-        return request
-    return None
+    return request if isinstance(request, CancelRequest) else None

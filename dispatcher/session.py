@@ -16,6 +16,7 @@ import contextlib
 import getpass
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Self
@@ -27,7 +28,7 @@ from nats.js import api
 from dispatcher.config import Config
 from dispatcher.embedded import EmbeddedNats, is_local_url
 from dispatcher.errors import ConfigError, NatsUnavailable, OpNotFound
-from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.jetstream import JetStreamHandles, SetupMode, connect, ensure_jetstream
 from dispatcher.opstore import OpStore
 from runner.protocol import (
     DISPATCHER_PING_SUBJECT,
@@ -49,6 +50,8 @@ from runner.protocol import (
 
 log = logging.getLogger("ktrdr.session")
 
+CHANGED_ONLY_BY = "only `ktrdr-run dispatcher` or `ktrdr-run setup` changes it"
+
 
 def submitter() -> str:
     """Who is submitting: user@host."""
@@ -68,10 +71,14 @@ class Session:
         *,
         need_dispatcher: bool = True,
         progress: Callable[[str], None] | None = None,
+        setup: SetupMode = "bind",
     ) -> None:
         self.config = config
         self.need_dispatcher = need_dispatcher
+        # how JetStream is set up (see ensure_jetstream): only the service applies config
+        self.setup: SetupMode = setup
         self._say = progress or (lambda _line: None)
+        self._note = progress or (lambda line: print(line, file=sys.stderr, flush=True))
         self.nc: NATS | None = None
         self.handles: JetStreamHandles | None = None
         self.store: OpStore | None = None
@@ -107,7 +114,18 @@ class Session:
             self.nc = await connect(
                 self.embedded.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s
             )
-        self.handles = await ensure_jetstream(self.nc, self.config, with_consumer=True)
+        try:
+            self.handles = await ensure_jetstream(self.nc, self.config, mode=self.setup)
+        except BaseException:
+            await self.close()  # stop an embedded server this session started
+            raise
+        for line in self.handles.created if self.setup == "apply" else ():
+            self._say(f"JetStream: created {line}")
+        for line in self.handles.updated:
+            self._say(f"JetStream: updated {line}")
+        if self.setup != "apply":
+            for line in self.handles.drift:
+                self._note(f"note: {line} — {CHANGED_ONLY_BY}")
         self.store = OpStore(self.handles.ops, self.handles.js)
         if self.need_dispatcher and not await self.dispatchers():
             await self._start_dispatcher()
@@ -127,9 +145,16 @@ class Session:
             return ensure_runner_image(client, config=self.config.images, progress=say)
 
         await asyncio.to_thread(image)  # build before the first op, with visible progress
-        self._say("no dispatcher answering: running one in this process for this command")
+        self._say("no dispatcher answering: running one in this process for this command's own ops")
         self._dispatcher = Dispatcher(
-            self.config, self.nc, self.handles, self._fleet, image, image_source=client
+            self.config,
+            self.nc,
+            self.handles,
+            self._fleet,
+            image,
+            image_source=client,
+            own_only=True,
+            check_reachability=True,
         )
         self._dispatcher_task = asyncio.create_task(self._dispatcher.run())
 
@@ -166,8 +191,12 @@ class Session:
         return answers
 
     async def submit(self, job: Job) -> str:
-        """Publish a job (idempotent by job_id); returns the op id."""
+        """Publish a job (idempotent by job_id); returns the op id. With an in-process
+        dispatcher (no service answered) that dispatcher runs this job, and only it."""
         assert self.handles is not None
+        if self._dispatcher is not None:  # one-shot: the in-process dispatcher runs just this
+            await self._dispatcher.submit_own(job)
+            return job.job_id
         ack = await self.handles.js.publish(
             job_subject(job.kind), encode(job), headers={"Nats-Msg-Id": job.job_id}
         )

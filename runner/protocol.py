@@ -38,6 +38,7 @@ OPS_BUCKET: Final = "ktrdr_ops"
 HOSTS_BUCKET: Final = "ktrdr_hosts"
 RESERVATIONS_BUCKET: Final = "ktrdr_reservations"
 ARTIFACTS_BUCKET: Final = "ktrdr_artifacts"
+DISPATCHERS_BUCKET: Final = "ktrdr_dispatchers"
 DISPATCHER_CONSUMER: Final = "ktrdr-dispatcher"
 
 JOBS_SUBJECT_ROOT: Final = "ktrdr.jobs"
@@ -61,6 +62,13 @@ EVENT_KINDS: Final = (
 LABEL_OP_ID: Final = "ktrdr.op_id"
 LABEL_KIND: Final = "ktrdr.kind"
 LABEL_DISPATCHER: Final = "ktrdr.dispatcher"
+LABEL_ATTEMPT: Final = "ktrdr.attempt"
+# Which ktrdr-run deployment (JetStream domain) a container belongs to: dispatchers reap
+# only their own deployment's containers on an engine several deployments share.
+LABEL_CLUSTER: Final = "ktrdr.cluster"
+
+# The runner's exit code when it could not reach NATS within its ready deadline.
+EXIT_RUNNER_UNREACHABLE: Final = 69
 
 # Environment variable that carries the RunnerSpec into the container.
 SPEC_ENV: Final = "KTRDR_SPEC"
@@ -217,6 +225,11 @@ class OpRecord(Struct, kw_only=True):
     exit_code: int | None = None
     log_tail: list[str] = []
     cancel: CancelIntent | None = None
+    #: When a requeued op may be placed again (Unix seconds; 0 = at once).
+    retry_at: float = 0.0
+    #: Event-stream sequence of the last status event of an earlier op that used this id:
+    #: cancel requests at or below it belong to that op, not to this one.
+    cancel_floor_seq: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -322,6 +335,10 @@ class RunnerSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
     progress_interval_s: float = 0.25
     result_deadline_s: float = 60.0
     host: str = ""
+    #: Connect to NATS within this many seconds or exit with EXIT_RUNNER_UNREACHABLE.
+    ready_s: float = 15.0
+    #: Ignore cancel requests stored at or below this event-stream sequence (an earlier op).
+    cancel_after_seq: int = 0
 
 
 class DeadLetter(Struct, frozen=True):
@@ -351,6 +368,7 @@ class HostReservation(Struct, frozen=True):
     gpu_ids: list[str] = []
     dispatcher: str = ""
     ts: float = 0.0
+    attempt: int = 0
 
 
 HostReservations = dict[str, HostReservation]

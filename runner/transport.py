@@ -30,6 +30,7 @@ from runner.errors import Cancelled, InvalidParams, KtrdrRunnerError, UnknownKin
 from runner.protocol import (
     ARTIFACTS_BUCKET,
     EVENTS_STREAM,
+    EXIT_RUNNER_UNREACHABLE,
     CancelAckEvent,
     CancelRequest,
     ErrorEvent,
@@ -141,21 +142,40 @@ async def publish_acked(js: JetStreamContext, subject: str, payload: bytes, dead
             delay_s = min(delay_s * 2, 2.0)
 
 
+class NatsUnreachable(Exception):
+    """The runner could not reach NATS within its ready deadline."""
+
+
 async def connect(spec: RunnerSpec) -> NATS:
-    """Connect to the dispatcher's NATS; reconnects by itself for as long as the op lives."""
+    """Connect to the dispatcher's NATS within ``spec.ready_s``; afterwards reconnect by
+    itself for as long as the op lives. :class:`NatsUnreachable` names the URL and the
+    last error when the deadline passes (the dispatcher fails the op with that reason)."""
+    last_error: list[str] = []
 
     async def on_error(exc: Exception) -> None:
+        last_error.append(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         log.warning("nats: %s", exc)
 
-    return await nats.connect(
-        spec.nats_url,
-        name=f"ktrdr-runner-{spec.op_id}",
-        connect_timeout=5,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
-        error_cb=on_error,
-    )
+    try:
+        # reconnect forever once connected (outages are ridden out), but the first
+        # connection has a deadline: a runner that never reaches NATS must say so and exit
+        return await asyncio.wait_for(
+            nats.connect(
+                spec.nats_url,
+                name=f"ktrdr-runner-{spec.op_id}",
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+                error_cb=on_error,
+            ),
+            timeout=spec.ready_s,
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        why = last_error[-1] if last_error else (str(exc) or type(exc).__name__)
+        raise NatsUnreachable(
+            f"cannot reach NATS at {spec.nats_url} within {spec.ready_s:g}s ({why})"
+        ) from None
 
 
 async def run_op(spec: RunnerSpec) -> int:
@@ -163,7 +183,11 @@ async def run_op(spec: RunnerSpec) -> int:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     token = CancelToken()
-    nc = await connect(spec)
+    try:
+        nc = await connect(spec)
+    except NatsUnreachable as exc:
+        print(f"runner: {exc}", file=sys.stderr, flush=True)
+        return EXIT_RUNNER_UNREACHABLE
     js = nc.jetstream()
     sink = NatsSink(loop, nc, js, spec)
     op_id = spec.op_id
@@ -180,14 +204,15 @@ async def run_op(spec: RunnerSpec) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, token.cancel, f"signal {signal.Signals(signum).name}")
     try:  # a cancel requested before we subscribed is still in the event stream
-        await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "cancel"))
-        token.cancel("cancel requested before start")
+        earlier = await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "cancel"))
+        if (earlier.seq or 0) > spec.cancel_after_seq:  # not one meant for an earlier op
+            token.cancel("cancel requested before start")
     except Exception:  # noqa: BLE001 - no earlier cancel request
         pass
 
     async def heartbeat() -> None:
+        # the first beat at once: it tells the dispatcher the runner reached NATS
         while True:
-            await asyncio.sleep(spec.heartbeat_s)
             event = HeartbeatEvent(
                 op_id=op_id, ts=now(), attempt=spec.attempt, uptime_s=time.monotonic() - started
             )
@@ -195,6 +220,7 @@ async def run_op(spec: RunnerSpec) -> int:
                 await nc.publish(op_subject(op_id, "heartbeat"), encode(event))
             except Exception:  # noqa: BLE001 - heartbeats are best effort
                 pass
+            await asyncio.sleep(spec.heartbeat_s)
 
     pump = asyncio.create_task(sink.pump())
     beat = asyncio.create_task(heartbeat())

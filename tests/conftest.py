@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,13 +42,88 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SESSION_TAG = f"test-{uuid.uuid4().hex[:8]}"
 
 
-def our_containers(client: docker.DockerClient) -> list[Any]:
+class Leftover:
+    """A container found by :func:`our_containers` (from one listing call: containers of
+    other test processes may come and go meanwhile)."""
+
+    def __init__(self, client: docker.DockerClient, entry: dict[str, Any]) -> None:
+        self._client = client
+        self.id = str(entry["Id"])
+        self.name = str((entry.get("Names") or ["?"])[0]).lstrip("/")
+
+    def remove(self, force: bool = True) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self._client.api.remove_container(self.id, force=force)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Leftover) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"Leftover({self.name})"
+
+
+def our_containers(client: docker.DockerClient) -> list[Leftover]:
     """Containers labelled ktrdr.op_id that this test session's dispatchers created."""
     return [
-        c
-        for c in client.containers.list(all=True, filters={"label": LABEL_OP_ID})
-        if c.labels.get(LABEL_DISPATCHER, "").startswith(SESSION_TAG)
+        Leftover(client, entry)
+        for entry in client.api.containers(all=True, filters={"label": LABEL_OP_ID})
+        if (entry.get("Labels") or {}).get(LABEL_DISPATCHER, "").startswith(SESSION_TAG)
     ]
+
+
+class ContainerCreations:
+    """Every container create of one engine (label ktrdr.op_id), recorded live from when
+    it starts: an engine remembers only its last 256 events, too few to count from
+    afterwards while tests and their containers run side by side."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self._lock = threading.Lock()
+        self._creates: list[tuple[float, str, str]] = []  # (time, op id, attempt label)
+        self._stream = client.api.events(
+            filters={"type": "container", "event": "create", "label": LABEL_OP_ID}, decode=True
+        )
+        threading.Thread(target=self._read, daemon=True, name="creations").start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            for event in self._stream:
+                attrs = (event.get("Actor") or {}).get("Attributes") or {}
+                with self._lock:
+                    self._creates.append(
+                        (
+                            float(event.get("time") or 0),
+                            attrs.get(LABEL_OP_ID, ""),
+                            attrs.get("ktrdr.attempt", "?"),
+                        )
+                    )
+
+    def by_attempt(self, op_id: str, since: float) -> dict[str, int]:
+        """Containers created for each attempt of ``op_id`` since ``since``."""
+        time.sleep(0.2)  # an event is delivered within milliseconds of the create
+        counts: dict[str, int] = {}
+        with self._lock:
+            for ts, op, attempt in self._creates:
+                if op == op_id and ts >= int(since) - 1:
+                    counts[attempt] = counts.get(attempt, 0) + 1
+        return counts
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stream.close()
+
+
+_CREATIONS: dict[str, ContainerCreations] = {}
+
+
+def creations(client: docker.DockerClient) -> ContainerCreations:
+    """The live create recorder of ``client``'s engine (started on first use)."""
+    key = client.api.base_url
+    if key not in _CREATIONS:
+        _CREATIONS[key] = ContainerCreations(client)
+    return _CREATIONS[key]
 
 
 def unavailable(reason: str) -> None:
@@ -62,7 +139,10 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client = connect_docker()
     except DockerUnavailable as exc:
         unavailable(str(exc))
+    creations(client)  # from the start: every test's creates are counted
     yield client
+    for recorder in _CREATIONS.values():
+        recorder.close()
     leftover = our_containers(client)
     for container in leftover:
         container.remove(force=True)
@@ -90,7 +170,8 @@ def no_leftover_containers(docker_client: docker.DockerClient) -> Iterator[None]
 def tmp_state() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ktrdr-test-"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if not os.environ.get("KTRDR_KEEP_TEST_STATE"):  # set it to read a failed test's logs
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -154,7 +235,7 @@ def write_config(config: Config, path: Path) -> Path:
 @pytest.fixture
 async def js_handles(config: Config) -> AsyncIterator[JetStreamHandles]:
     nc = await connect(config.nats.url, name="test")
-    handles = await ensure_jetstream(nc, config, with_consumer=True)
+    handles = await ensure_jetstream(nc, config, mode="apply")
     yield handles
     await nc.drain()
 
@@ -175,7 +256,7 @@ async def dispatcher(
     no_leftover_containers: None,
 ) -> AsyncIterator[RunningDispatcher]:
     nc = await connect(config.nats.url, name="test-dispatcher")
-    handles = await ensure_jetstream(nc, config, with_consumer=True)
+    handles = await ensure_jetstream(nc, config, mode="apply")
     client = connect_docker()
     host = engine_host(client)
     engine = DockerEngine(client, name=host.name)

@@ -15,8 +15,8 @@ import pytest
 from nats.js import api
 
 from dispatcher.config import Config
-from runner.protocol import LABEL_OP_ID, TERMINAL_STATES
-from tests.conftest import RunningDispatcher, run_cli, write_config
+from runner.protocol import TERMINAL_STATES
+from tests.conftest import RunningDispatcher, creations, run_cli, write_config
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 
@@ -50,14 +50,9 @@ async def read_op_events(url: str, op_id: str, timeout_s: float = 90.0) -> list[
 
 
 def containers_created(client: docker.DockerClient, op_id: str, since: float) -> int:
-    """How many containers the engine created for ``op_id`` since ``since`` (its own event log)."""
-    events = client.events(
-        since=int(since) - 1,
-        until=int(time.time()) + 1,
-        decode=True,
-        filters={"type": "container", "event": "create", "label": f"{LABEL_OP_ID}={op_id}"},
-    )
-    return sum(1 for _ in events)
+    """How many containers the engine created for ``op_id`` since ``since`` (recorded live
+    from the engine's own event stream)."""
+    return sum(creations(client).by_attempt(op_id, since).values())
 
 
 async def test_probe_submit_json_shows_hardening(

@@ -38,7 +38,7 @@ async def test_setup_is_idempotent_from_many_processes_and_updates_stale_config(
         "async def main():\n"
         "    cfg = msgspec.json.decode(sys.argv[1].encode(), type=Config)\n"
         "    nc = await connect(cfg.nats.url, name='setup')\n"
-        "    await ensure_jetstream(nc, cfg, with_consumer=True)\n"
+        "    await ensure_jetstream(nc, cfg, mode='apply')\n"
         "    await nc.close()\n"
         "asyncio.run(main())\n"
     )
@@ -62,7 +62,7 @@ async def test_setup_is_idempotent_from_many_processes_and_updates_stale_config(
         dispatcher=msgspec.structs.replace(config.dispatcher, ack_wait_s=42.0),
         retention=msgspec.structs.replace(config.retention, events_s=3600.0),
     )
-    await ensure_jetstream(nc, changed, with_consumer=True)
+    await ensure_jetstream(nc, changed, mode="apply")
     assert (await js.consumer_info(JOBS_STREAM, DISPATCHER_CONSUMER)).config.ack_wait == 42.0
     assert (await js.stream_info(EVENTS_STREAM)).config.max_age == 3600.0
     await nc.close()
@@ -129,7 +129,7 @@ async def test_lease_is_kept_alive_past_ack_wait(
         config, dispatcher=msgspec.structs.replace(config.dispatcher, ack_wait_s=5.0)
     )
     nc = await connect(short.nats.url, name="lease")
-    handles = await ensure_jetstream(nc, short, with_consumer=True)
+    handles = await ensure_jetstream(nc, short, mode="apply")
     client = connect_docker()
     engine = DockerEngine(client, name="local")
     service = Dispatcher(short, nc, handles, Fleet.single(engine, engine_host(client)), lambda: runner_image)

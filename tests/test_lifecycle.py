@@ -344,7 +344,7 @@ class running_dispatcher:
 
     async def __aenter__(self) -> Dispatcher:
         self.nc = await connect(self.config.nats.url, name="test")
-        handles = await ensure_jetstream(self.nc, self.config, with_consumer=True)
+        handles = await ensure_jetstream(self.nc, self.config, mode="apply")
         client = connect_docker()
         self.engine = DockerEngine(client, name="local")
         fleet = Fleet.single(self.engine, engine_host(client))

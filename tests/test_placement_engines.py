@@ -51,7 +51,7 @@ def with_discovery(config: Config, discovery: DiscoveryConfig, suffix: str) -> C
 @contextlib.asynccontextmanager
 async def start(config: Config, image: str) -> AsyncIterator[tuple[Dispatcher, Fleet]]:
     nc = await connect(config.nats.url, name="test")
-    handles = await ensure_jetstream(nc, config, with_consumer=True)
+    handles = await ensure_jetstream(nc, config, mode="apply")
     fleet, _client = await build_fleet(config)
     service = Dispatcher(config, nc, handles, fleet, lambda: image)
     task = asyncio.create_task(service.run(idle_s=0.3))
