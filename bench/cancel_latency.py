@@ -58,7 +58,7 @@ def stats(values: list[float]) -> str:
     return f"{describe(values)}   max {max(values) * 1000:7.1f} ms"
 
 
-async def records_of(session: Session, op_ids: set[str] | list[str]) -> dict[str, OpRecord | None]:
+async def records_of(session: Session, op_ids: list[str]) -> dict[str, OpRecord | None]:
     """Each op's record; None for one the dispatcher has not recorded yet."""
 
     async def one(op_id: str) -> OpRecord | None:
@@ -132,7 +132,8 @@ async def start_background(
             break
         if time.monotonic() > deadline:
             states: dict[str, int] = {}
-            for record in records.values():
+            for op_id in pending:
+                record = records[op_id]
                 key: str = "not recorded" if record is None else record.state
                 if key == "running":
                     key += " (no progress yet)"
@@ -212,7 +213,8 @@ async def cancel_and_reap(session: Session, watcher: RemovalWatcher, op_ids: lis
     for record in (await records_of(session, active)).values():
         state = "not recorded" if record is None else record.state
         ended[state] = ended.get(state, 0) + 1
-    print(f"cleanup: cancelled {len(active)} op(s); they ended {ended}", file=sys.stderr)
+    if active:
+        print(f"cleanup: cancelled {len(active)} op(s); they ended {ended}", file=sys.stderr)
     leftovers: list[str] = []
     for op_id in op_ids:
         try:

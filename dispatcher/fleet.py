@@ -14,6 +14,7 @@ whose engine cannot run GPU containers is marked GPU-less.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -22,7 +23,7 @@ import docker
 
 from discovery.base import Host
 from discovery.config import redact_url
-from discovery.docker_engines import connect_host, engine_host
+from discovery.docker_engines import EngineEndpoint, engine_host
 from discovery.health import GpuSnapshot, HostSnapshot, Inventory, publish_snapshot
 from dispatcher.config import Config
 from dispatcher.engine import DockerEngine, connect_docker
@@ -87,7 +88,8 @@ class Fleet:
         may need reaping). A host is back only after a successful check made after it was
         marked down.
         """
-        back: list[str] = []
+        known = [h.name for h in self.all_hosts()]
+        was_down = {name for name in known if not self.usable(name)}
         if self.inventory is not None:
             await self.inventory.refresh()
             for status in self.inventory.hosts():
@@ -95,18 +97,17 @@ class Fleet:
                 if since is not None and status.state == "available" and status.failures == 0:
                     if status.checked_at > since:
                         del self._down[status.host.name]
-                        back.append(status.host.name)
         checks = [(name, self._engines[name]) for name in self._fixed if name in self._engines]
         results = await asyncio.gather(*(engine.alive() for _name, engine in checks))
         for (name, _engine), ok in zip(checks, results, strict=True):
             if ok:
                 self._failures.pop(name, None)
-                if self._down.pop(name, None) is not None:
-                    back.append(name)
+                self._down.pop(name, None)
                 continue
             self._failures[name] = self._failures.get(name, 0) + 1
             if self._failures[name] >= self.failure_threshold:
                 self.mark_down(name, f"no answer to {self._failures[name]} health checks in a row")
+        back = [name for name in was_down if self.usable(name)]
         for name in back:
             log.info("host %s answers again", name)
         return back
@@ -125,7 +126,12 @@ class Fleet:
         async with self._lock:
             engine = self._engines.get(host.name)
             if engine is None:
-                client = await asyncio.to_thread(connect_host, host, pool_size=32)
+                endpoint = EngineEndpoint.of(host)
+                # control calls get the call deadline, not the health check's short timeout
+                endpoint = dataclasses.replace(
+                    endpoint, timeout_s=max(endpoint.timeout_s, self.call_timeout_s)
+                )
+                client = await asyncio.to_thread(endpoint.connect, name=host.name, pool_size=32)
                 engine = DockerEngine(client, name=host.name, call_timeout_s=self.call_timeout_s)
                 self._engines[host.name] = engine
                 self._owned.add(host.name)
@@ -171,8 +177,8 @@ class Fleet:
         self._down[host_name] = time.time()
 
     def is_down(self, host_name: str) -> bool:
-        """Whether a host is marked down."""
-        return host_name in self._down
+        """Whether a host is down (marked down, or failing its health checks)."""
+        return not self.usable(host_name)
 
     def mark_no_gpu(self, host_name: str) -> None:
         """The host claims GPUs but its engine cannot run GPU containers."""

@@ -178,7 +178,10 @@ async def adopt(d: Dispatcher, record: OpRecord, owner: Owner, host: Host, engin
 
 
 async def requeue_lost(d: Dispatcher, record: OpRecord, owner: Owner, why: str) -> None:
-    """Mark an op lost and requeue it, or fail it once its attempts are used up."""
+    """Mark an op lost and requeue it, or fail it once its attempts are used up; what its
+    dead dispatcher reserved for it is freed."""
+    if record.host:
+        await d.placement.drop(record.host, {record.op_id})
     if record.attempts >= d.config.dispatcher.max_attempts:
         await d.supervisor.fail(record.op_id, owner, "lost", f"lost: {why} (attempt {record.attempts})")
         return

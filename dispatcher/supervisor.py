@@ -135,8 +135,8 @@ class Supervisor:
             except OwnershipLost:
                 raise
             except (EngineUnreachable, ContainerVanished, Lost) as exc:
-                if isinstance(exc, EngineUnreachable) or run.abort_reason == "host_down":
-                    self.fleet.mark_down(run.reservation.host.name, str(exc))
+                # one slow answer is not a dead host: the health checks (failure_threshold
+                # in a row) decide that; this attempt is lost either way
                 await self._requeue_lost(run, str(exc))
             except InfrastructureError as exc:
                 if is_no_gpu_runtime_error(str(exc)) and run.reservation.gpu_ids:

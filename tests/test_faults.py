@@ -204,11 +204,10 @@ async def test_a_frozen_engine_loses_its_ops_to_the_other_and_is_reaped_when_it_
         tls_ca=str(second_dockerd.ca),
         tls_cert=str(second_dockerd.client_cert),
         tls_key=str(second_dockerd.client_key),
-        timeout_s=2.0,
+        timeout_s=3.0,
     )
     discovery = DiscoveryConfig(engines=[engine2], health_interval_s=1.0, failure_threshold=2)
     cfg = fault_config(msgspec.structs.replace(config, discovery=discovery), "engine")
-    cfg = msgspec.structs.replace(cfg, docker=msgspec.structs.replace(cfg.docker, call_timeout_s=5.0))
     client2 = second_dockerd.client()
     since = time.time()
     dispatcher = DispatcherProcess(cfg, tmp_state, "engines").start()
