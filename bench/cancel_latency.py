@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 import uuid
 
 import docker
-from harness import RemovalWatcher, Stack, bench_stack, describe
+from harness import RemovalWatcher, Stack, bench_stack, describe, run
 
 from dispatcher.config import DispatcherConfig
 from dispatcher.errors import OpNotFound
@@ -200,36 +201,39 @@ async def cancel_and_reap(session: Session, watcher: RemovalWatcher, op_ids: lis
     """Cancel every op not yet terminal; wait (bounded) until all are terminal and their
     containers gone; force-remove what is left and say so."""
     deadline = time.monotonic() + CLEANUP_TIMEOUT_S
-    records = await records_of(session, op_ids)
-    active = [op_id for op_id, r in records.items() if r is None or not r.terminal]
-    await asyncio.gather(*(session.cancel(op_id, reason="bench cleanup") for op_id in active))
-    pending = set(active)
-    while pending and time.monotonic() < deadline:
-        records = await records_of(session, list(pending))
-        pending = {op_id for op_id, r in records.items() if r is None or not r.terminal}
-        if pending:
-            await asyncio.sleep(0.5)
-    ended: dict[str, int] = {}
-    for record in (await records_of(session, active)).values():
-        state = "not recorded" if record is None else record.state
-        ended[state] = ended.get(state, 0) + 1
-    if active:
-        print(f"cleanup: cancelled {len(active)} op(s); they ended {ended}", file=sys.stderr)
-    leftovers: list[str] = []
-    for op_id in op_ids:
-        try:
-            await watcher.wait_gone(op_id, timeout_s=max(1.0, deadline - time.monotonic()))
-        except SystemExit:
-            leftovers.append(op_id)
-    for op_id in leftovers:  # so the in-process dispatcher can finish and nothing stays behind
-        for container_id in await asyncio.to_thread(watcher.containers_of, op_id):
+    problem = ""
+    try:
+        async with asyncio.timeout(CLEANUP_TIMEOUT_S):
+            records = await records_of(session, op_ids)
+            active = [op_id for op_id, r in records.items() if r is None or not r.terminal]
+            await asyncio.gather(*(session.cancel(op_id, reason="bench cleanup") for op_id in active))
+            pending = set(active)
+            while pending:
+                records = await records_of(session, list(pending))
+                pending = {op_id for op_id, r in records.items() if r is None or not r.terminal}
+                if pending:
+                    await asyncio.sleep(0.5)
+            if active:
+                ended: dict[str, int] = {}
+                for record in (await records_of(session, active)).values():
+                    state = "not recorded" if record is None else record.state
+                    ended[state] = ended.get(state, 0) + 1
+                print(f"cleanup: cancelled {len(active)} op(s); they ended {ended}", file=sys.stderr)
+            for op_id in op_ids:
+                await watcher.wait_gone(op_id, timeout_s=max(1.0, deadline - time.monotonic()))
+    except TimeoutError:
+        problem = f"ops not terminal, or containers not removed, {CLEANUP_TIMEOUT_S:g}s after cancelling"
+    except SystemExit as exc:
+        problem = str(exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. NATS gone: the containers are removed below all the same
+        problem = f"{type(exc).__name__}: {exc}"
+    leftovers = [c for op_id in op_ids for c in await asyncio.to_thread(watcher.containers_of, op_id)]
+    for container_id in leftovers:  # so the in-process dispatcher can finish and nothing stays behind
+        with contextlib.suppress(docker.errors.NotFound):
             await asyncio.to_thread(watcher.client.api.remove_container, container_id, force=True)
-    if pending or leftovers:
-        raise SystemExit(
-            f"cleanup: {len(pending)} op(s) not terminal and {len(leftovers)} op(s) with containers "
-            f"{CLEANUP_TIMEOUT_S:g}s after cancelling (containers force-removed): "
-            f"{sorted(pending | set(leftovers))}"
-        )
+    if problem or leftovers:
+        what = problem or "containers left"
+        raise SystemExit(f"cleanup: {what}; force-removed {len(leftovers)} container(s)")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -315,4 +319,4 @@ if __name__ == "__main__":
     parsed = parser.parse_args()
     if parsed.runs < 1 or parsed.background < 0:
         parser.error("--runs must be at least 1 and --background at least 0")
-    asyncio.run(main(parsed))
+    run(main(parsed))

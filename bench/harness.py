@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import docker
 
@@ -27,7 +29,7 @@ from dispatcher.fleet import Fleet
 from dispatcher.images import ensure_runner_image
 from dispatcher.service import Dispatcher
 from dispatcher.session import Session
-from runner.protocol import LABEL_OP_ID
+from runner.protocol import LABEL_DISPATCHER, LABEL_OP_ID
 
 
 class Stack:
@@ -39,15 +41,19 @@ class Stack:
         self.dispatcher = dispatcher
 
 
+STOP_TIMEOUT_S = 60.0
+
+
 @contextlib.asynccontextmanager
 async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> AsyncIterator[Stack]:
     """Start the stack; everything is stopped and removed afterwards."""
     state = Path(tempfile.mkdtemp(prefix="ktrdr-bench-"))
     server = EmbeddedNats(state / "nats", free_port())
-    await server.start()
-    client = connect_docker()
-    engine = DockerEngine(client, name="local")
+    engine: DockerEngine | None = None
     try:
+        await server.start()
+        client = connect_docker()
+        engine = DockerEngine(client, name="local")
         image = ensure_runner_image(client, progress=lambda line: print(line, file=sys.stderr))
         config = Config(
             state_dir=str(state),
@@ -64,11 +70,51 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
                 yield Stack(session, image, dispatcher)
             finally:
                 dispatcher.stop()
-                await task
+                await _finish(task, dispatcher.dispatcher_id, client)
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
         await asyncio.to_thread(server.stop)
         shutil.rmtree(state, ignore_errors=True)
+
+
+async def _finish(task: asyncio.Task[None], dispatcher_id: str, client: docker.DockerClient) -> None:
+    """Let the stopped dispatcher finish its ops, for at most STOP_TIMEOUT_S (it cannot
+    when NATS is gone: a signal sent to the whole process group, as Ctrl-C and
+    ``timeout`` send, stops the nats-server too); then remove whatever container of
+    this dispatcher is left, and say so."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_S)
+    except TimeoutError:
+        print(f"dispatcher still busy {STOP_TIMEOUT_S:g}s after stop; cancelling it", file=sys.stderr)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    finally:
+        mine = {"label": f"{LABEL_DISPATCHER}={dispatcher_id}"}
+        found = await asyncio.to_thread(client.api.containers, all=True, quiet=True, filters=mine)
+        for container in found:
+            with contextlib.suppress(docker.errors.NotFound):
+                await asyncio.to_thread(client.api.remove_container, container["Id"], force=True)
+        if found:
+            print(f"removed {len(found)} container(s) the dispatcher left behind", file=sys.stderr)
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(main)``, with SIGTERM (as from ``timeout``) cancelling it as Ctrl-C
+    does, so the ops a benchmark started, the stack and its state directory are cleaned
+    up either way."""
+
+    async def guarded() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await main
+        except asyncio.CancelledError:
+            raise SystemExit("interrupted (SIGTERM): cleaned up") from None
+
+    asyncio.run(guarded())
 
 
 class RemovalWatcher:

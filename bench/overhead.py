@@ -34,7 +34,7 @@ import subprocess
 import time
 import uuid
 
-from harness import RemovalWatcher, bench_stack, percentile
+from harness import RemovalWatcher, bench_stack, percentile, run
 
 from dispatcher.config import DispatcherConfig
 from dispatcher.engine import RUNNER_USER
@@ -122,4 +122,4 @@ async def main(runs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
-    asyncio.run(main(parser.parse_args().runs))
+    run(main(parser.parse_args().runs))

@@ -29,7 +29,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from dispatcher.errors import DockerUnavailable, EngineUnreachable, InfrastructureError
+from dispatcher.errors import DockerUnavailable, EngineGone, EngineUnreachable, InfrastructureError
 from runner.protocol import (
     LABEL_ATTEMPT,
     LABEL_CLUSTER,
@@ -100,6 +100,12 @@ def hardened_host_config(
         binds=binds,
         device_requests=device_requests or None,
     )
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection error means nothing listens (not a timeout)."""
+    text = str(exc)
+    return "Connection refused" in text or "No such file or directory" in text
 
 
 class ContainerVanished(InfrastructureError):
@@ -266,6 +272,10 @@ class DockerEngine:
             raise InfrastructureError(f"image missing on {self.name}: {exc.explanation}") from None
         except docker.errors.APIError as exc:
             raise InfrastructureError(f"engine {self.name} refused: {exc.explanation or exc}") from None
+        except requests.exceptions.ConnectionError as exc:
+            if _refused(exc):
+                raise EngineGone(f"engine {self.name} refuses connections: {exc}") from None
+            raise EngineUnreachable(f"engine {self.name} unreachable: {exc}") from None
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
             raise EngineUnreachable(f"engine {self.name} unreachable: {exc}") from None
 

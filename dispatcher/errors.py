@@ -34,7 +34,11 @@ class InfrastructureError(KtrdrError):
 
 
 class EngineUnreachable(InfrastructureError):
-    """The engine does not answer (its host may be gone)."""
+    """The engine does not answer (its host may be gone, or only slow)."""
+
+
+class EngineGone(EngineUnreachable):
+    """The engine refuses connections: nothing listens there any more."""
 
 
 class OpNotFound(KtrdrError):

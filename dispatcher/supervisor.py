@@ -35,7 +35,7 @@ from nats.js import JetStreamContext
 from discovery.gpu import device_requests, is_no_gpu_runtime_error
 from dispatcher.config import Config
 from dispatcher.engine import ContainerVanished, DockerEngine, hardened_host_config
-from dispatcher.errors import EngineUnreachable, InfrastructureError, KtrdrError, OwnershipLost
+from dispatcher.errors import EngineGone, EngineUnreachable, InfrastructureError, KtrdrError, OwnershipLost
 from dispatcher.fleet import Fleet
 from dispatcher.logstream import stream_logs
 from dispatcher.opstore import OpStore, Owner, retrying
@@ -127,6 +127,8 @@ class Supervisor:
 
     async def supervise(self, run: OpRun, record: OpRecord, *, adopted: bool) -> None:
         """Own one attempt until the op is terminal, back in the queue, or taken over."""
+        # listen before the container starts: the runner's first heartbeat must not be missed
+        sub = await self.nc.subscribe(op_events_filter(run.op_id), cb=functools.partial(self._on_event, run))
         try:
             try:
                 if not adopted and not await self._start_container(run, record):
@@ -135,8 +137,10 @@ class Supervisor:
             except OwnershipLost:
                 raise
             except (EngineUnreachable, ContainerVanished, Lost) as exc:
-                # one slow answer is not a dead host: the health checks (failure_threshold
-                # in a row) decide that; this attempt is lost either way
+                # a refused connection is a dead engine; one slow answer is not: the health
+                # checks (failure_threshold in a row) decide that. The attempt is lost
+                if isinstance(exc, EngineGone):
+                    self.fleet.mark_down(run.reservation.host.name, str(exc))
                 await self._requeue_lost(run, str(exc))
             except InfrastructureError as exc:
                 if is_no_gpu_runtime_error(str(exc)) and run.reservation.gpu_ids:
@@ -153,6 +157,8 @@ class Supervisor:
         except OwnershipLost as exc:
             await self._let_go(run, exc)
         finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
             if run.container_id and not run.removed and self.fleet.usable(run.reservation.host.name):
                 with contextlib.suppress(Exception):
                     await run.engine.remove(run.container_id)
@@ -247,7 +253,6 @@ class Supervisor:
     async def _watch(self, run: OpRun) -> None:
         """Follow a started container to its end, then record the outcome and remove it."""
         cfg = self.config.dispatcher
-        sub = await self.nc.subscribe(op_events_filter(run.op_id), cb=functools.partial(self._on_event, run))
         progress_writer = asyncio.create_task(self._write_progress(run))
         logs = asyncio.create_task(self._stream_logs(run))
         liveness = asyncio.create_task(self._check_liveness(run))
@@ -269,7 +274,7 @@ class Supervisor:
                 for _ in range(10):
                     await asyncio.sleep(0.5)
                     if not await run.engine.alive():
-                        raise EngineUnreachable(f"engine {run.engine.name} went away while the op ran")
+                        raise EngineGone(f"engine {run.engine.name} went away while the op ran")
             if reason == "runner_unreachable":
                 fields["error"] = msgspec.structs.replace(
                     fields["error"], message=f"{fields['error'].message}. {await self._hint(run.runner_url)}"
@@ -284,8 +289,6 @@ class Supervisor:
         finally:
             for task in (progress_writer, logs, liveness):
                 task.cancel()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     async def _wait_for_exit(self, run: OpRun) -> int:
         """The container's exit code; enforces the op's timeout and any abort on the way."""

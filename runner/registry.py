@@ -10,6 +10,7 @@ stay cheap to import: heavy libraries (torch) are imported inside the function.
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class Operation:
 
 _REGISTRY: dict[str, Operation] = {}
 _loaded = False
+_load_lock = threading.RLock()
 
 
 def operation(
@@ -108,10 +110,13 @@ def operation(
 
 def _load_builtins() -> None:
     global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
+    if _loaded:
+        return
+    with _load_lock:  # the dispatcher admits jobs on worker threads: load once, fully
+        if not _loaded:
+            for module in BUILTIN_MODULES:
+                importlib.import_module(module)
+            _loaded = True
 
 
 def get(kind: str) -> Operation:

@@ -373,3 +373,35 @@ async def test_a_one_shot_command_runs_only_its_own_op(
     info = await js_handles.js.stream_info("KTRDR_JOBS")
     assert info.state.messages == 3
     print(f"one-shot submit with 3 x 30 s ops queued took {took_s:.1f}s")
+
+
+async def test_a_runner_that_goes_silent_is_lost_and_its_op_runs_again(
+    config: Config,
+    tmp_state: Path,
+    docker_client: docker.DockerClient,
+    js_handles: JetStreamHandles,
+    no_leftover_containers: None,
+) -> None:
+    """The runner's network is cut mid-run (its container keeps running, silent): after
+    heartbeat_timeout_s the attempt is lost, its container stopped and removed, and the op
+    runs again to completion."""
+    url = config.nats.url
+    cfg = fault_config(config, "silent")
+    since = time.time()
+    with DispatcherProcess(cfg, tmp_state, "silent") as proc:
+        (op,) = await publish_jobs(url, [probe("silent", 6)])
+        running = (await wait_states(url, [op], {"running"}, 60, why=proc.log_tail()))[op]
+        deadline = time.monotonic() + 30
+        while not ((await records(url, [op]))[op].get("progress") or {}).get("step") == "hold":
+            assert time.monotonic() < deadline, "the runner never reported progress"
+            await asyncio.sleep(0.1)  # until the runner is heard from: then cut it off
+        cut_at = time.time()
+        docker_client.api.disconnect_container_from_network(running["container_id"], "bridge", force=True)
+        final = (await wait_states(url, [op], TERMINAL_STATES, 90, why=proc.log_tail()))[op]
+    assert final["state"] == "completed" and final["attempts"] == 2, final
+    events = await all_events(url, op)
+    lost = next(e for e in events if e["event"] == "status" and e["state"] == "lost")
+    assert "no heartbeat" in lost["message"], lost
+    silent_s = lost["ts"] - cut_at
+    assert cfg.dispatcher.heartbeat_timeout_s <= silent_s < cfg.dispatcher.heartbeat_timeout_s + 5, silent_s
+    await assert_exactly_once(url, [op], [docker_client], since)

@@ -91,6 +91,10 @@ async def test_two_placers_racing_never_overcommit_a_host(js_handles: JetStreamH
     won = [r for r in results if r is not None]
     assert len(won) == 4
     assert await a.reserved_ops("shared") == {r.op_id for r in won}
-    await b.release(won[0])
+    placer_of = {f"op{i}": (a if i % 2 else b) for i in range(20)}
+    other = b if placer_of[won[0].op_id] is a else a
+    await other.release(won[0])  # not its reservation: a dispatcher frees only its own
+    assert await a.reserved_ops("shared") == {r.op_id for r in won}
+    await placer_of[won[0].op_id].release(won[0])
     assert await a.reserve("late", res(cpus=1), [one], lambda h: True) is not None
     assert await b.reserve("later", res(cpus=1), [one], lambda h: True) is None
