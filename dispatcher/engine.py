@@ -388,7 +388,8 @@ class DockerEngine:
         try:
             await self.call(self.api.remove_container, container_id, force=True, v=True)
         except InfrastructureError as exc:
-            if "No such container" not in str(exc) and "404" not in str(exc):
+            gone = ("No such container", "404", "is already in progress")
+            if not any(text in str(exc) for text in gone):
                 raise
 
     async def alive(self) -> bool:

@@ -169,7 +169,8 @@ async def adopt(d: Dispatcher, record: OpRecord, owner: Owner, host: Host, engin
         try:
             await d.supervisor.supervise(run, record, adopted=True)
         finally:
-            d.runs.pop(run.op_id, None)
+            if d.runs.get(run.op_id) is run:  # a next attempt may be running already
+                del d.runs[run.op_id]
 
     d.spawn(follow())
     request = await _pending_cancel(d, record)

@@ -39,7 +39,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from discovery.base import DiscoveryError
-from dispatcher.admission import Rejected, peek_ids, resolve_data_dir, resolve_resources, validate_job
+from dispatcher.admission import Rejected, resolve_data_dir, resolve_resources, validate_job
 from dispatcher.config import Config
 from dispatcher.engine import DockerEngine
 from dispatcher.errors import OwnershipLost
@@ -51,31 +51,26 @@ from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, Owner, retrying
 from dispatcher.outcome import OpRun
 from dispatcher.placement import Placement, Reservation, why_never_placeable
 from dispatcher.reachability import check_from_container, hint
+from dispatcher.rejections import dead_letter, reject
 from dispatcher.supervisor import Supervisor
 from runner.protocol import (
     DISPATCHER_CONSUMER,
     DISPATCHER_PING_SUBJECT,
     EVENTS_STREAM,
     JOBS_STREAM,
-    JOBS_SUBJECT_ROOT,
     OPS_SUBJECT_ROOT,
     CancelIntent,
     CancelRequest,
-    DeadLetter,
     DispatcherInfo,
-    ErrorEvent,
-    ErrorInfo,
     Job,
     OpRecord,
     Resources,
-    dead_letter_subject,
     encode,
     event_decoder,
     job_subject,
     now,
     op_subject,
     params_digest,
-    rejected_subject,
 )
 
 log = logging.getLogger("ktrdr.dispatcher")
@@ -329,7 +324,7 @@ class Dispatcher:
                     f"delivered {lease.deliveries} times without being handled "
                     "(the dispatcher died or failed on it each time)"
                 )
-                await self._dead_letter(lease, reason)
+                await dead_letter(self.js, self.store, lease, reason, self.dispatcher_id)
                 return
             failures = 0
             while True:
@@ -341,7 +336,7 @@ class Dispatcher:
                     count = lease.deliveries if isinstance(lease, QueueLease) else failures
                     reason = f"{type(exc).__name__}: {exc}"
                     if count >= cfg.poison_after_failures:
-                        await self._dead_letter(lease, reason)
+                        await dead_letter(self.js, self.store, lease, reason, self.dispatcher_id)
                         return
                     log.warning(
                         "job message %d failed (%d time(s)): %s; retrying", lease.sequence, count, reason
@@ -359,19 +354,27 @@ class Dispatcher:
         try:
             job, op = await asyncio.to_thread(validate_job, lease.subject, lease.data, self.config)
         except Rejected as exc:
-            await self._reject(lease, exc)
+            await reject(self.js, self.store, lease, exc)
             return
         resources = resolve_resources(job, op)
         if resources.gpu == "never" and resources.gpus:
-            await self._reject(
-                lease, Rejected(f"gpus={resources.gpus} with gpu: never", field="resources.gpus", job=job)
+            await reject(
+                self.js,
+                self.store,
+                lease,
+                Rejected(f"gpus={resources.gpus} with gpu: never", field="resources.gpus", job=job),
             )
             return
         hosts = self.fleet.hosts()
         unplaceable = why_never_placeable(hosts, resources, self.fleet.gpu_usable) if hosts else ""
         if unplaceable:
             field = "resources.gpu" if unplaceable.startswith("gpu:") else "resources"
-            await self._reject(lease, Rejected(unplaceable, field=field, error_type="Unplaceable", job=job))
+            await reject(
+                self.js,
+                self.store,
+                lease,
+                Rejected(unplaceable, field=field, error_type="Unplaceable", job=job),
+            )
             return
         record = await self._queued_record(lease, job, resources)
         if record is None:
@@ -416,7 +419,8 @@ class Dispatcher:
         try:
             await self.supervisor.supervise(run, claimed, adopted=False)
         finally:
-            self.runs.pop(run.op_id, None)
+            if self.runs.get(run.op_id) is run:  # a next attempt may be running already
+                del self.runs[run.op_id]
             self._free_slot()
 
     async def _queued_record(self, lease: JobLease, job: Job, resources: Resources) -> OpRecord | None:
@@ -448,7 +452,7 @@ class Dispatcher:
                 field="job_id",
                 error_type="JobIdReused",
             )
-            await self._reject(lease, problem, touch_record=False)
+            await reject(self.js, self.store, lease, problem, touch_record=False)
             return None
         if existing.state != "queued":
             log.info("op %s: duplicate job message (op is %s); not started again", job.job_id, existing.state)
@@ -498,70 +502,6 @@ class Dispatcher:
                     await lease.in_progress()
                 renewed = time.monotonic()
             await self._wait_for_slot(min(1.0, wait_s) if wait_s > 0.05 else 1.0)
-
-    async def _reject(self, lease: JobLease, exc: Rejected, *, touch_record: bool = True) -> None:
-        """A job that cannot run: error events, and the op ends ``failed`` with the reason
-        (a new record, or a queued one: a requeued op that no longer passes admission)."""
-        job = exc.job
-        job_id, kind = (job.job_id, job.kind) if job else peek_ids(lease.subject, lease.data)
-        event = ErrorEvent(
-            op_id=job_id or "",
-            ts=now(),
-            reason="invalid_job",
-            message=str(exc),
-            error_type=exc.error_type,
-            field=exc.field,
-        )
-        log.warning("rejected job %s on %s: %s", job_id or "(no usable job_id)", lease.subject, exc)
-        await retrying(
-            lambda: self.js.publish(rejected_subject(kind or "unknown"), encode(event)), what="reject"
-        )
-        if job_id and touch_record:
-            await self._fail_unstarted(job_id, kind, event)
-        await lease.ack()
-
-    async def _fail_unstarted(self, job_id: str, kind: str, event: ErrorEvent) -> None:
-        """Record ``failed`` for an op that never started: a new record, or a queued one."""
-        error = ErrorInfo(
-            reason=event.reason, message=event.message, error_type=event.error_type, field=event.field
-        )
-        existing = await self.store.find(job_id)
-        if existing is None:
-            await retrying(
-                lambda: self.js.publish(op_subject(job_id, "error"), encode(event)), what="error event"
-            )
-            await self.store.create(
-                OpRecord(
-                    op_id=job_id, kind=kind or "", state="failed", timestamps={"failed": now()}, error=error
-                )
-            )
-        elif existing.state == "queued":
-            await retrying(
-                lambda: self.js.publish(op_subject(job_id, "error"), encode(event)), what="error event"
-            )
-            await self.store.transition(job_id, "failed", allowed_from={"queued"}, error=error)
-
-    async def _dead_letter(self, lease: JobLease, reason: str) -> None:
-        kind = lease.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
-        job_id, _ = peek_ids(lease.subject, lease.data)
-        letter = DeadLetter(
-            subject=lease.subject,
-            reason=reason,
-            data=lease.data.decode("utf-8", "replace"),
-            deliveries=lease.deliveries,
-            ts=now(),
-            job_id=job_id,
-            dispatcher=self.dispatcher_id,
-        )
-        log.error(
-            "job %s dead-lettered after %d deliveries: %s", job_id or lease.subject, lease.deliveries, reason
-        )
-        await retrying(lambda: self.js.publish(dead_letter_subject(kind), encode(letter)), what="dead letter")
-        if job_id:
-            event = ErrorEvent(op_id=job_id, ts=now(), reason="dead_letter", message=reason)
-            with contextlib.suppress(Exception):
-                await self._fail_unstarted(job_id, kind, event)
-        await lease.term()
 
     async def _cancel_requested_before_start(self, record: OpRecord) -> bool:
         """A cancel published before the dispatcher saw the job: never start a container.

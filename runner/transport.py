@@ -153,8 +153,10 @@ async def connect(spec: RunnerSpec) -> NATS:
     last_error: list[str] = []
 
     async def on_error(exc: Exception) -> None:
-        last_error.append(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        log.warning("nats: %s", exc)
+        said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if said not in last_error:  # each distinct problem once: retries do not flood the log
+            log.warning("nats: %s", exc)
+        last_error.append(said)
 
     try:
         # reconnect forever once connected (outages are ridden out), but the first
