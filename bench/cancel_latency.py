@@ -39,7 +39,7 @@ import time
 import uuid
 
 import docker
-from harness import RemovalWatcher, Stack, bench_stack, describe, run
+from harness import RemovalWatcher, Stack, bench_stack, cancel_hard, describe, run, wait_while_nats_alive
 
 from dispatcher.config import DispatcherConfig
 from dispatcher.errors import OpNotFound
@@ -197,40 +197,52 @@ async def measure_one(session: Session, watcher: RemovalWatcher, live: list[str]
     return acked - sent, removed - sent
 
 
-async def cancel_and_reap(session: Session, watcher: RemovalWatcher, op_ids: list[str]) -> None:
-    """Cancel every op not yet terminal; wait (bounded) until all are terminal and their
-    containers gone; force-remove what is left and say so."""
+async def cancel_and_reap(stack: Stack, watcher: RemovalWatcher, op_ids: list[str]) -> None:
+    """Cancel every op not yet terminal; wait (bounded, and only while NATS runs) until
+    all are terminal and their containers gone; force-remove what is left and say so."""
+    session = stack.session
     deadline = time.monotonic() + CLEANUP_TIMEOUT_S
-    problem = ""
-    try:
-        async with asyncio.timeout(CLEANUP_TIMEOUT_S):
-            records = await records_of(session, op_ids)
-            active = [op_id for op_id, r in records.items() if r is None or not r.terminal]
-            await asyncio.gather(*(session.cancel(op_id, reason="bench cleanup") for op_id in active))
-            pending = set(active)
-            while pending:
-                records = await records_of(session, list(pending))
-                pending = {op_id for op_id, r in records.items() if r is None or not r.terminal}
-                if pending:
-                    await asyncio.sleep(0.5)
-            if active:
-                ended: dict[str, int] = {}
-                for record in (await records_of(session, active)).values():
-                    state = "not recorded" if record is None else record.state
-                    ended[state] = ended.get(state, 0) + 1
-                print(f"cleanup: cancelled {len(active)} op(s); they ended {ended}", file=sys.stderr)
-            for op_id in op_ids:
+
+    async def cancel_and_wait() -> None:
+        records = await records_of(session, op_ids)
+        active = [op_id for op_id, r in records.items() if r is None or not r.terminal]
+        await asyncio.gather(*(session.cancel(op_id, reason="bench cleanup") for op_id in active))
+        pending = set(active)
+        while pending:
+            records = await records_of(session, list(pending))
+            pending = {op_id for op_id, r in records.items() if r is None or not r.terminal}
+            if pending:
+                await asyncio.sleep(0.5)
+        if active:
+            ended: dict[str, int] = {}
+            for record in (await records_of(session, active)).values():
+                state = "not recorded" if record is None else record.state
+                ended[state] = ended.get(state, 0) + 1
+            print(f"cleanup: cancelled {len(active)} op(s); they ended {ended}", file=sys.stderr)
+        for op_id in op_ids:
+            try:
                 await watcher.wait_gone(op_id, timeout_s=max(1.0, deadline - time.monotonic()))
-    except TimeoutError:
-        problem = f"ops not terminal, or containers not removed, {CLEANUP_TIMEOUT_S:g}s after cancelling"
-    except SystemExit as exc:
-        problem = str(exc)
-    except Exception as exc:  # noqa: BLE001 - e.g. NATS gone: the containers are removed below all the same
-        problem = f"{type(exc).__name__}: {exc}"
-    leftovers = [c for op_id in op_ids for c in await asyncio.to_thread(watcher.containers_of, op_id)]
-    for container_id in leftovers:  # so the in-process dispatcher can finish and nothing stays behind
-        with contextlib.suppress(docker.errors.NotFound):
-            await asyncio.to_thread(watcher.client.api.remove_container, container_id, force=True)
+            except SystemExit as exc:  # not out of a task: asyncio would stop the loop with it
+                raise RuntimeError(str(exc)) from None
+
+    problem = ""
+    work = asyncio.ensure_future(cancel_and_wait())
+    try:
+        if not await wait_while_nats_alive(work, stack, CLEANUP_TIMEOUT_S):
+            problem = (
+                "NATS is gone"
+                if not stack.nats_alive()
+                else f"not done {CLEANUP_TIMEOUT_S:g}s after cancelling"
+            )
+            await cancel_hard(work)
+        elif work.exception() is not None:
+            exc = work.exception()
+            problem = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+    finally:
+        leftovers = [c for op_id in op_ids for c in await asyncio.to_thread(watcher.containers_of, op_id)]
+        for container_id in leftovers:  # so the in-process dispatcher can finish and nothing stays behind
+            with contextlib.suppress(docker.errors.NotFound):
+                await asyncio.to_thread(watcher.client.api.remove_container, container_id, force=True)
     if problem or leftovers:
         what = problem or "containers left"
         raise SystemExit(f"cleanup: {what}; force-removed {len(leftovers)} container(s)")
@@ -267,7 +279,7 @@ async def main(args: argparse.Namespace) -> None:
                     to_ack.append(ack)
                     to_removed.append(removed)
             finally:
-                await cancel_and_reap(stack.session, watcher, live)
+                await cancel_and_reap(stack, watcher, live)
     finally:
         watcher.close()
     print(f"ops                                 {args.runs}, one at a time, probe hold_s={MEASURED_HOLD_S:g}")

@@ -35,10 +35,40 @@ from runner.protocol import LABEL_DISPATCHER, LABEL_OP_ID
 class Stack:
     """What a benchmark gets: a session to submit and follow with, and the image."""
 
-    def __init__(self, session: Session, image: str, dispatcher: Dispatcher) -> None:
+    def __init__(self, session: Session, image: str, dispatcher: Dispatcher, server: EmbeddedNats) -> None:
         self.session = session
         self.image = image
         self.dispatcher = dispatcher
+        self._server = server
+
+    def nats_alive(self) -> bool:
+        """Whether the stack's nats-server still runs (a signal sent to the whole process
+        group, as Ctrl-C and ``timeout`` send, stops it together with the benchmark)."""
+        process = self._server.process
+        return process is not None and process.poll() is None
+
+
+async def wait_while_nats_alive(task: asyncio.Future[Any], stack: Stack, timeout_s: float) -> bool:
+    """Wait for ``task`` up to ``timeout_s``, giving up early once NATS is gone (what
+    needs it cannot finish then); True when it finished."""
+    deadline = time.monotonic() + timeout_s
+    while not task.done():
+        left = deadline - time.monotonic()
+        if left <= 0 or not stack.nats_alive():
+            return False
+        await asyncio.wait({task}, timeout=min(left, 0.25))
+    return True
+
+
+async def cancel_hard(task: asyncio.Future[Any], tries: int = 20) -> bool:
+    """Cancel ``task`` until it ends (cleanup code may absorb one cancel and start waiting
+    for NATS again), up to ``tries`` times a second apart; True when it ended."""
+    for _ in range(tries):
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+        if task.done():
+            return True
+    return False
 
 
 STOP_TIMEOUT_S = 60.0
@@ -46,7 +76,8 @@ STOP_TIMEOUT_S = 60.0
 
 @contextlib.asynccontextmanager
 async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> AsyncIterator[Stack]:
-    """Start the stack; everything is stopped and removed afterwards."""
+    """Start the stack; everything is stopped and removed afterwards, also after an
+    interruption (containers of its dispatcher that are still there are force-removed)."""
     state = Path(tempfile.mkdtemp(prefix="ktrdr-bench-"))
     server = EmbeddedNats(state / "nats", free_port())
     engine: DockerEngine | None = None
@@ -65,12 +96,13 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
             assert session.nc is not None and session.handles is not None
             fleet = Fleet.single(engine, engine_host(client))
             dispatcher = Dispatcher(config, session.nc, session.handles, fleet, lambda: image)
+            stack = Stack(session, image, dispatcher, server)
             task = asyncio.create_task(dispatcher.run(idle_s=0.5))
             try:
-                yield Stack(session, image, dispatcher)
+                yield stack
             finally:
                 dispatcher.stop()
-                await _finish(task, dispatcher.dispatcher_id, client)
+                await _finish(task, stack, client)
     finally:
         if engine is not None:
             engine.close()
@@ -78,26 +110,26 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
         shutil.rmtree(state, ignore_errors=True)
 
 
-async def _finish(task: asyncio.Task[None], dispatcher_id: str, client: docker.DockerClient) -> None:
-    """Let the stopped dispatcher finish its ops, for at most STOP_TIMEOUT_S (it cannot
-    when NATS is gone: a signal sent to the whole process group, as Ctrl-C and
-    ``timeout`` send, stops the nats-server too); then remove whatever container of
-    this dispatcher is left, and say so."""
+async def _finish(task: asyncio.Task[None], stack: Stack, client: docker.DockerClient) -> None:
+    """Let the stopped dispatcher finish its ops (for at most STOP_TIMEOUT_S, and only
+    while NATS runs), else cancel it; then remove whatever container of this dispatcher
+    is left, and say so. A dispatcher that crashed re-raises its error."""
     try:
-        await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_S)
-    except TimeoutError:
-        print(f"dispatcher still busy {STOP_TIMEOUT_S:g}s after stop; cancelling it", file=sys.stderr)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        if not await wait_while_nats_alive(task, stack, STOP_TIMEOUT_S):
+            why = "NATS is gone" if not stack.nats_alive() else f"still busy {STOP_TIMEOUT_S:g}s after stop"
+            print(f"dispatcher: {why}; cancelling it", file=sys.stderr)
+            if not await cancel_hard(task):
+                print("dispatcher: did not end when cancelled; left running", file=sys.stderr)
     finally:
-        mine = {"label": f"{LABEL_DISPATCHER}={dispatcher_id}"}
+        mine = {"label": f"{LABEL_DISPATCHER}={stack.dispatcher.dispatcher_id}"}
         found = await asyncio.to_thread(client.api.containers, all=True, quiet=True, filters=mine)
         for container in found:
             with contextlib.suppress(docker.errors.NotFound):
                 await asyncio.to_thread(client.api.remove_container, container["Id"], force=True)
         if found:
             print(f"removed {len(found)} container(s) the dispatcher left behind", file=sys.stderr)
+    if task.done() and not task.cancelled():
+        task.result()
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -112,7 +144,7 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         try:
             await main
         except asyncio.CancelledError:
-            raise SystemExit("interrupted (SIGTERM): cleaned up") from None
+            raise SystemExit("interrupted: cleaned up") from None
 
     asyncio.run(guarded())
 

@@ -7,6 +7,7 @@ nats-server that listens on 127.0.0.1 only, which containers can never reach.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from urllib.parse import urlparse
@@ -34,11 +35,15 @@ def _answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    parsed = urlparse(url if "://" in url else f"nats://{url}")
+    return parsed.hostname or "127.0.0.1", parsed.port or 4222
+
+
 def hint(url: str) -> str:
     """What to change when containers cannot reach NATS at ``url`` (blocking: it tries the
     address from this machine, and 127.0.0.1 on the same port)."""
-    parsed = urlparse(url if "://" in url else f"nats://{url}")
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+    host, port = _host_port(url)
     if _answers(host, port):
         return (
             f"this machine reaches {host}:{port}, so something between the containers and NATS blocks "
@@ -57,9 +62,8 @@ def hint(url: str) -> str:
 
 
 async def check_from_container(engine: DockerEngine, image: str, url: str, deployment: str) -> str:
-    """ "" when a container on ``engine`` reaches ``url``; otherwise why not (a sentence)."""
-    parsed = urlparse(url if "://" in url else f"nats://{url}")
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+    """Empty when a container on ``engine`` reaches ``url``; otherwise why not (a sentence)."""
+    host, port = _host_port(url)
     host_config = hardened_host_config(
         engine.api, Resources(cpus=0.1, memory_gb=0.125), pids_limit=32, scratch_mb=16
     )
@@ -91,3 +95,17 @@ async def check_from_container(engine: DockerEngine, image: str, url: str, deplo
                 await engine.remove(container_id)
             except InfrastructureError as exc:
                 log.info("reachability check container on %s not removed: %s", engine.name, exc)
+
+
+async def problem(engine: DockerEngine, url: str, *, image: str | None, deployment: str) -> str:
+    """Empty when op containers on ``engine`` can reach NATS at ``url``; otherwise what is
+    wrong and what to change. With ``image`` it is checked from a container, as a runner
+    connects; without, quickly from this machine only (it catches a server that listens
+    on 127.0.0.1 alone)."""
+    if image is None:
+        host, port = _host_port(url)
+        if await asyncio.to_thread(_answers, host, port):
+            return ""
+        return f"containers may not reach NATS at {url}: {await asyncio.to_thread(hint, url)}"
+    found = await check_from_container(engine, image, url, deployment)
+    return f"{found}; {await asyncio.to_thread(hint, url)}" if found else ""

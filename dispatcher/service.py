@@ -39,6 +39,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from discovery.base import DiscoveryError
+from dispatcher import reachability
 from dispatcher.admission import Rejected, resolve_data_dir, resolve_resources, validate_job
 from dispatcher.config import Config
 from dispatcher.engine import DockerEngine
@@ -50,7 +51,6 @@ from dispatcher.liveness import DispatcherLease, deployment_id
 from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, Owner, retrying
 from dispatcher.outcome import OpRun
 from dispatcher.placement import Placement, Reservation, why_never_placeable
-from dispatcher.reachability import check_from_container, hint
 from dispatcher.rejections import dead_letter, reject
 from dispatcher.supervisor import Supervisor
 from runner.protocol import (
@@ -297,19 +297,12 @@ class Dispatcher:
             try:
                 engine = await self.fleet.engine(host)
                 url = await self.supervisor.runner_url(host.name, engine)
-                if self.own_only:  # quick: from this machine only
-                    problem = await asyncio.to_thread(hint, url)
-                    if problem.startswith("this machine reaches"):
-                        continue
-                    problem = f"containers may not reach NATS at {url}: {problem}"
-                else:
-                    problem = await check_from_container(
-                        engine, await self._image_on(engine), url, self.supervisor.deployment
-                    )
-                    if problem:
-                        problem = f"{problem}; {await asyncio.to_thread(hint, url)}"
-                if problem:
-                    log.warning("dispatcher %s: %s", self.dispatcher_id, problem)
+                image = None if self.own_only else await self._image_on(engine)  # one-shot: quick
+                found = await reachability.problem(
+                    engine, url, image=image, deployment=self.supervisor.deployment
+                )
+                if found:
+                    log.warning("dispatcher %s: %s", self.dispatcher_id, found)
             except Exception as exc:  # noqa: BLE001 - a check that cannot run decides nothing
                 log.info("reachability check of %s skipped: %s", host.name, exc)
 
@@ -478,8 +471,8 @@ class Dispatcher:
         renew_every_s = self.config.dispatcher.ack_wait_s / 3
         renewed = time.monotonic()
         while True:
-            if self._stopping.is_set() and not self.own_only:
-                with contextlib.suppress(Exception):
+            if self._stopping.is_set():
+                with contextlib.suppress(Exception):  # a one-shot's message just stays queued
                     await lease.nak()  # let another dispatcher have it now
                 return None
             current = await self.store.find(op_id)
