@@ -89,6 +89,9 @@ class EmbeddedNats:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                # its own session: a Ctrl-C at the terminal is for the command (which then
+                # cancels its op over this server), not for the server itself
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
