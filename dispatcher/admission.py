@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -37,7 +38,17 @@ def resolve_resources(job: Job, op: registry.Operation) -> Resources:
     )
 
 
-def validate_job(subject: str, data: bytes, config: Config) -> tuple[Job, registry.Operation]:
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A job that passed admission: the job, its kind's operation, and the host data
+    directory it mounts ("" = none), resolved once."""
+
+    job: Job
+    op: registry.Operation
+    data_dir: str
+
+
+def validate_job(subject: str, data: bytes, config: Config) -> Admitted:
     """Decode and validate a job message against its kind (and, where the dispatcher can
     see them, the op's input data); Rejected says what is wrong and where.
 
@@ -73,7 +84,7 @@ def validate_job(subject: str, data: bytes, config: Config) -> tuple[Job, regist
         except InvalidParams as exc:
             where = f"params.{exc.field}" if exc.field else "params"
             raise Rejected(str(exc), field=where, error_type="InvalidParams", job=job) from None
-    return job, op
+    return Admitted(job, op, data_dir)
 
 
 def resolve_data_dir(job: Job, config: Config) -> str:

@@ -40,7 +40,7 @@ from nats.js import JetStreamContext
 
 from discovery.base import DiscoveryError
 from dispatcher import reachability
-from dispatcher.admission import Rejected, resolve_data_dir, resolve_resources, validate_job
+from dispatcher.admission import Rejected, resolve_resources, validate_job
 from dispatcher.config import Config
 from dispatcher.engine import DockerEngine
 from dispatcher.errors import OwnershipLost
@@ -345,11 +345,12 @@ class Dispatcher:
 
     async def _accept(self, lease: JobLease) -> None:
         try:
-            job, op = await asyncio.to_thread(validate_job, lease.subject, lease.data, self.config)
+            admitted = await asyncio.to_thread(validate_job, lease.subject, lease.data, self.config)
         except Rejected as exc:
             await reject(self.js, self.store, lease, exc)
             return
-        resources = resolve_resources(job, op)
+        job = admitted.job
+        resources = resolve_resources(job, admitted.op)
         if resources.gpu == "never" and resources.gpus:
             await reject(
                 self.js,
@@ -369,7 +370,7 @@ class Dispatcher:
                 Rejected(unplaceable, field=field, error_type="Unplaceable", job=job),
             )
             return
-        record = await self._queued_record(lease, job, resources)
+        record = await self._queued_record(lease, job, resources, admitted.data_dir)
         if record is None:
             return
         if await self._cancel_requested_before_start(record):
@@ -416,7 +417,9 @@ class Dispatcher:
                 del self.runs[run.op_id]
             self._free_slot()
 
-    async def _queued_record(self, lease: JobLease, job: Job, resources: Resources) -> OpRecord | None:
+    async def _queued_record(
+        self, lease: JobLease, job: Job, resources: Resources, data_dir: str
+    ) -> OpRecord | None:
         """The op's record in ``queued``: created now, or the existing one (a requeue, or a
         redelivery of a job still waiting). None when the message needs nothing more."""
         digest = params_digest(job.params)
@@ -429,7 +432,7 @@ class Dispatcher:
             timeout_s=job.timeout_s,
             labels=job.labels,
             submitted_by=job.submitted_by,
-            data_dir=resolve_data_dir(job, self.config),
+            data_dir=data_dir,
             timestamps={"queued": now()},
             cancel_floor_seq=await self._earlier_op_floor(job.job_id),
         )
@@ -437,7 +440,7 @@ class Dispatcher:
             return record
         existing = await self.store.find(job.job_id)
         if existing is None:  # expired between the two reads: a new op after all
-            return await self._queued_record(lease, job, resources)
+            return await self._queued_record(lease, job, resources, data_dir)
         if existing.kind != job.kind or (existing.params_digest and existing.params_digest != digest):
             problem = Rejected(
                 f"job_id reused with different params: op {job.job_id} exists ({existing.state}) with "
