@@ -175,20 +175,21 @@ class ExitWatcher:
                 if now_s - seen > self._remember_s:
                     del self._exits[cid]
 
-    def _fail(self, container_id: str, exc: Exception) -> None:
+    def _vanished(self, container_id: str) -> None:
+        gone = ContainerVanished(f"container {container_id[:12]} vanished from {self._engine.name}")
         for waiter in self._waiters.pop(container_id, []):
             if not waiter.done():
-                waiter.set_exception(exc)
+                waiter.set_exception(gone)
 
     async def _poll(self) -> None:
         while not self._closed.is_set():
             await asyncio.sleep(self._poll_s)
             if self._waiters:
                 with contextlib.suppress(Exception):
-                    await self.check(list(self._waiters))
+                    await self._check_listed(list(self._waiters))
 
-    async def check(self, container_ids: list[str]) -> None:
-        """Resolve waiters of containers that already exited or vanished."""
+    async def _check_listed(self, container_ids: list[str]) -> None:
+        """Resolve waiters of containers that already exited or vanished (one listing)."""
         listed = await self._engine.call(
             self._engine.api.containers, all=True, filters={"label": LABEL_OP_ID}
         )
@@ -196,7 +197,7 @@ class ExitWatcher:
         for cid in container_ids:
             state = states.get(cid)
             if state is None:
-                self._fail(cid, ContainerVanished(f"container {cid[:12]} vanished from {self._engine.name}"))
+                self._vanished(cid)
             elif state in ("exited", "dead"):
                 attrs = await self._engine.call(self._engine.api.inspect_container, cid)
                 self._resolve(cid, int(attrs.get("State", {}).get("ExitCode", -1)))
@@ -210,10 +211,23 @@ class ExitWatcher:
         waiter: asyncio.Future[int] = self._loop.create_future()
         self._waiters.setdefault(container_id, []).append(waiter)
         try:
-            await self.check([container_id])  # it may have exited before we listened
+            await self._check_one(container_id)  # it may have exited before we listened
         except EngineUnreachable:
             pass  # the stream and the poll keep trying; the dispatcher's health check decides
         return await waiter
+
+    async def _check_one(self, container_id: str) -> None:
+        """Resolve the waiters of one container if it already exited or vanished."""
+        try:
+            attrs = await self._engine.call(self._engine.api.inspect_container, container_id)
+        except EngineUnreachable:
+            raise
+        except InfrastructureError:  # no such container
+            self._vanished(container_id)
+            return
+        state = attrs.get("State", {})
+        if state.get("Status") in ("exited", "dead"):
+            self._resolve(container_id, int(state.get("ExitCode", -1)))
 
     def close(self) -> None:
         """Stop the reader thread and the poll."""

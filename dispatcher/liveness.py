@@ -71,13 +71,14 @@ class DispatcherLease:
 
     async def renew(self) -> bool:
         """Put the key once; True when it was renewed."""
+        info = self.info()
         try:
             # a KV put with a per-message TTL, on the bucket's own subject ($KV.<bucket>.<key>)
             await self.js.publish(
-                f"$KV.{DISPATCHERS_BUCKET}.{self.dispatcher_id}", encode(self.info()), msg_ttl=self.lease_s
+                f"$KV.{DISPATCHERS_BUCKET}.{info.dispatcher_id}", encode(info), msg_ttl=self.lease_s
             )
         except TRANSIENT_ERRORS as exc:
-            log.info("dispatcher %s: lease not renewed (%s)", self.dispatcher_id, type(exc).__name__)
+            log.info("dispatcher %s: lease not renewed (%s)", info.dispatcher_id, type(exc).__name__)
             return False
         now_s = time.monotonic()
         if not self._renewed_at or now_s - self._renewed_at >= self.lease_s:
@@ -98,10 +99,6 @@ class DispatcherLease:
                 )
                 await on_gap()
             await asyncio.sleep(self.lease_s / 3)
-
-    def lapsed(self) -> bool:
-        """Whether the lease may have expired since the last renewal."""
-        return not self._renewed_at or time.monotonic() - self._renewed_at >= self.lease_s
 
     async def release(self) -> None:
         """Delete the key (a clean stop): nobody needs to wait for it to expire."""
