@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import msgspec
 
 from dispatcher.backtest_cli import add_backtest_parser
+from dispatcher.cli_args import global_options_parser
 from dispatcher.config import Config, load_config
 from dispatcher.errors import ConfigError, KtrdrError, OpNotFound
 from dispatcher.hosts_cli import add_hosts_parsers
@@ -461,62 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     backtest_cli's subcommands get them too) has them as ``parents`` with
     ``default=argparse.SUPPRESS``, so a default never overwrites a value given earlier.
     ``--config`` given at several levels: the last one wins. ``-v`` counts add up over all
-    levels (``-v ops list -v`` is ``-vv``).
+    levels (``-v ops list -v`` is ``-vv``). See :mod:`dispatcher.cli_args`.
     """
 
-    def global_options(defaults: bool) -> argparse.ArgumentParser:
-        opts = argparse.ArgumentParser(add_help=False)
-        opts.add_argument(
-            "--config",
-            type=Path,
-            default=None if defaults else argparse.SUPPRESS,
-            help="config file (default: $KTRDR_RUN_CONFIG or ./ktrdr-run.toml)",
-        )
-        opts.add_argument(
-            "-v",
-            "--verbose",
-            action="count",
-            default=0 if defaults else argparse.SUPPRESS,
-            help="more logging (-vv: debug); counts add up before and after the subcommand",
-        )
-        return opts
-
-    sub_globals = global_options(defaults=False)
-
-    class SubcommandsAction(argparse._SubParsersAction):
-        """Gives every subcommand the global options, and adds up ``-v`` over the levels."""
-
-        def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-            kwargs["parents"] = [sub_globals, *kwargs.get("parents", ())]
-            return super().add_parser(name, **kwargs)
-
-        def __call__(
-            self,
-            parser: argparse.ArgumentParser,
-            namespace: argparse.Namespace,
-            values: Any,
-            option_string: str | None = None,
-        ) -> None:
-            # The subcommand parses into a fresh namespace whose values then replace ours:
-            # keep the -v count given so far and add the subcommand's to it.
-            before = vars(namespace).pop("verbose", None)
-            super().__call__(parser, namespace, values, option_string)
-            after = getattr(namespace, "verbose", None)
-            if before is not None or after is not None:
-                namespace.verbose = (before or 0) + (after or 0)
-
-    class Parser(argparse.ArgumentParser):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # Nested subcommand parsers are of this class too (argparse's default), so
-            # every level's add_subparsers() uses SubcommandsAction.
-            self.register("action", "parsers", SubcommandsAction)
-
-    parser = Parser(
-        prog="ktrdr-run",
-        description="Run trading research ops in containers.",
-        parents=[global_options(defaults=True)],
-    )
+    parser = global_options_parser(prog="ktrdr-run", description="Run trading research ops in containers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="submit an op and follow it to the end")
