@@ -320,14 +320,7 @@ class _Setup:
                 if max_age and "duplicate_window" not in changes and current.duplicate_window:
                     # the server refuses a duplicate window longer than the max age
                     changes["duplicate_window"] = min(current.duplicate_window, max_age)
-                try:
-                    await self.js.update_stream(_replace_config(current, **changes))
-                except APIError as exc:
-                    raise JetStreamSetupError(
-                        f"the NATS server refuses to change {label}: {exc.description or exc}"
-                    ) from None
-                self.updated.extend(w.change(label, value) for w, value in diffs)
-                log.info("updated %s", label)
+                await self._apply(label, diffs, self.js.update_stream(_replace_config(current, **changes)))
             return True
         raise NatsUnavailable(f"could not create or bind {label}")
 
@@ -350,14 +343,18 @@ class _Setup:
         diffs = [(w, value) for w, value in diffs if not _same(value, w.value)]
         self.drift.extend(w.drift(label, value) for w, value in diffs)
         if diffs and self.mode == "apply":
-            try:
-                await self.js.add_consumer(JOBS_STREAM, wanted)
-            except APIError as exc:
-                raise JetStreamSetupError(
-                    f"the NATS server refuses to change {label}: {exc.description or exc}"
-                ) from None
-            self.updated.extend(w.change(label, value) for w, value in diffs)
-            log.info("updated %s", label)
+            await self._apply(label, diffs, self.js.add_consumer(JOBS_STREAM, wanted))
+
+    async def _apply(self, label: str, diffs: list[tuple[_Want, Any]], change: Awaitable[Any]) -> None:
+        """Make the change that brings ``label`` to the config, and record what changed."""
+        try:
+            await change
+        except APIError as exc:
+            raise JetStreamSetupError(
+                f"the NATS server refuses to change {label}: {exc.description or exc}"
+            ) from None
+        self.updated.extend(w.change(label, value) for w, value in diffs)
+        log.info("updated %s", label)
 
 
 async def ensure_jetstream(nc: NATS, config: Config, *, mode: SetupMode = "bind") -> JetStreamHandles:
