@@ -43,7 +43,7 @@ from harness import RemovalWatcher, Stack, bench_stack, cancel_hard, describe, r
 
 from dispatcher.config import DispatcherConfig
 from dispatcher.errors import OpNotFound
-from dispatcher.session import Session
+from ktrdr_run.session import Session
 from runner.protocol import CancelAckEvent, Job, OpRecord, ProgressEvent, Resources, StatusEvent
 
 MEASURED = Resources(cpus=0.5, memory_gb=0.25)

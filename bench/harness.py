@@ -28,7 +28,7 @@ from dispatcher.engine import DockerEngine, connect_docker
 from dispatcher.fleet import Fleet
 from dispatcher.images import ensure_runner_image
 from dispatcher.service import Dispatcher
-from dispatcher.session import Session
+from ktrdr_run.session import Session
 from runner.protocol import LABEL_DISPATCHER, LABEL_OP_ID
 
 

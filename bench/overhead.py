@@ -38,7 +38,7 @@ from harness import RemovalWatcher, bench_stack, percentile, run
 
 from dispatcher.config import DispatcherConfig
 from dispatcher.engine import RUNNER_USER
-from dispatcher.session import Session
+from ktrdr_run.session import Session
 from runner.protocol import Job, Resources, StatusEvent
 
 CPUS, MEMORY_GB, PIDS = 0.5, 0.5, 512

@@ -50,12 +50,21 @@ log = logging.getLogger("ktrdr.jetstream")
 SetupMode = Literal["bind", "create", "apply"]
 
 
-async def connect(url: str, *, name: str, connect_timeout_s: float = 2.0, retry: bool = True) -> NATS:
+async def connect(
+    url: str,
+    *,
+    name: str,
+    connect_timeout_s: float = 2.0,
+    retry: bool = True,
+    on_disconnected: Callable[[], Awaitable[None]] | None = None,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
     """Connect to NATS; once connected, the client reconnects by itself through outages.
 
     With ``retry=False`` the first connection is one quick attempt (used to probe for a
     server: nothing listening fails at once); otherwise it is retried for up to
-    ``3 * connect_timeout_s``.
+    ``3 * connect_timeout_s``. ``on_disconnected``/``on_reconnected`` are awaited when the
+    connection drops and when it is back.
     """
 
     async def on_error(exc: Exception) -> None:
@@ -68,6 +77,10 @@ async def connect(url: str, *, name: str, connect_timeout_s: float = 2.0, retry:
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
     }
+    if on_disconnected is not None:
+        options["disconnected_cb"] = on_disconnected
+    if on_reconnected is not None:
+        options["reconnected_cb"] = on_reconnected
     if not retry:
         await _check_listening(url, connect_timeout_s)
     try:

@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -597,8 +596,3 @@ class Dispatcher:
             log.info("op %s: no cancel ack within %gs; stopping container", run.op_id, grace_s)
             with contextlib.suppress(Exception):  # taken over, or an engine gone: not ours to stop
                 await self.supervisor.stop_if_owner(run, 2.0)
-
-
-def new_job_id() -> str:
-    """A fresh, sortable job id."""
-    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import uuid
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -102,6 +103,11 @@ def rejected_subject(kind: str) -> str:
 def is_valid_id(value: str) -> bool:
     """Whether ``value`` is usable as a job id / op id (a subject token and a KV key)."""
     return bool(_ID_RE.match(value))
+
+
+def new_job_id() -> str:
+    """A fresh job id that sorts by submission time (UTC): ``20261202-024755-1a2b3c4d``."""
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
 def now() -> float:

@@ -23,6 +23,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import ObjectMeta
 from nats.js.errors import NotFoundError
 
 from runner import registry
@@ -82,12 +83,14 @@ class NatsSink:
         print(f"[{level}] {message}", file=sys.stderr, flush=True)
 
     def artifact(self, name: str, object_name: str, data: bytes, content_type: str) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._put(object_name, data, name), self._loop)
+        future = asyncio.run_coroutine_threadsafe(
+            self._put(object_name, data, name, content_type), self._loop
+        )
         future.result(timeout=self._spec.result_deadline_s)
 
     # -- event loop side -----------------------------------------------------------------
 
-    async def _put(self, object_name: str, data: bytes, name: str) -> None:
+    async def _put(self, object_name: str, data: bytes, name: str, content_type: str) -> None:
         if self._store is None:
             self._store = await self._js.object_store(ARTIFACTS_BUCKET)
         try:
@@ -95,7 +98,8 @@ class NatsSink:
             return  # identical content is already stored
         except NotFoundError:
             pass
-        await self._store.put(object_name, data)
+        # the description carries the media type: clients name saved files by it
+        await self._store.put(ObjectMeta(name=object_name, description=content_type), data)
         log.info("stored artifact %s as %s (%d bytes)", name, object_name, len(data))
 
     async def pump(self) -> None:

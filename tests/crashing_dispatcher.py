@@ -15,7 +15,7 @@ from typing import Any
 
 from msgspec import Struct
 
-from dispatcher.cli import main
+from ktrdr_run.cli import main
 from runner.registry import operation
 from runner.sdk import OpContext
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.cli import build_parser
+from ktrdr_run.cli import build_parser
 
 KTRDR_RUN = str(Path(sys.executable).parent / "ktrdr-run")
 

@@ -16,7 +16,7 @@ from discovery.docker_engines import EngineEndpoint
 from discovery.health import HostStatus, publish_snapshot, snapshot_of
 from dispatcher.config import Config
 from dispatcher.embedded import EmbeddedNats, free_port
-from dispatcher.hosts_cli import cmd_config_check, cmd_hosts
+from ktrdr_run.cli_hosts import cmd_config_check, cmd_hosts
 from dispatcher.jetstream import JetStreamHandles
 from tests.proxmox_fake import FakeProxmox
 

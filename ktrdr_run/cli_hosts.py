@@ -339,7 +339,7 @@ async def discover_snapshots(config: Config) -> tuple[list[HostSnapshot], dict[s
 
 async def cmd_hosts(args: argparse.Namespace, config: Config) -> int:
     """Print the hosts snapshot (``ktrdr_hosts``); discover directly when there is none."""
-    from dispatcher.session import Session
+    from ktrdr_run.session import Session
 
     note = ""
     snaps: list[HostSnapshot] = []

@@ -1,7 +1,7 @@
 """A client session: NATS (existing, or embedded for the command's life), JetStream, and
 a dispatcher (existing, or in-process for the command's life).
 
-Used by the CLI; other Python code can use it the same way::
+The plumbing under :class:`ktrdr_run.Client` and the CLI; use the Client::
 
     async with Session(load_config()) as session:
         op_id = await session.submit(job)
@@ -17,7 +17,7 @@ import getpass
 import logging
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlparse
@@ -72,9 +72,18 @@ class Session:
         need_dispatcher: bool = True,
         progress: Callable[[str], None] | None = None,
         setup: SetupMode = "bind",
+        embedded: bool = True,
+        on_disconnected: Callable[[], Awaitable[None]] | None = None,
+        on_reconnected: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.need_dispatcher = need_dispatcher
+        # whether a missing local NATS may be started for this session's life
+        self.allow_embedded = embedded
+        self._callbacks: dict[str, Any] = {
+            "on_disconnected": on_disconnected,
+            "on_reconnected": on_reconnected,
+        }
         # how JetStream is set up (see ensure_jetstream): only the service applies config
         self.setup: SetupMode = setup
         self._say = progress or (lambda _line: None)
@@ -101,10 +110,14 @@ class Session:
         cfg = self.config.nats
         try:
             self.nc = await connect(
-                cfg.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s, retry=False
+                cfg.url,
+                name="ktrdr-run-cli",
+                connect_timeout_s=cfg.connect_timeout_s,
+                retry=False,
+                **self._callbacks,
             )
         except NatsUnavailable:
-            if not (cfg.embedded and is_local_url(cfg.url)):
+            if not (self.allow_embedded and cfg.embedded and is_local_url(cfg.url)):
                 raise
             port = urlparse(cfg.url).port or 4222
             store = Path(cfg.store_dir).expanduser() if cfg.store_dir else self.config.state_path() / "nats"
@@ -112,7 +125,10 @@ class Session:
             self.embedded = EmbeddedNats(store, port, sync_always=cfg.embedded_sync == "always")
             await self.embedded.start()
             self.nc = await connect(
-                self.embedded.url, name="ktrdr-run-cli", connect_timeout_s=cfg.connect_timeout_s
+                self.embedded.url,
+                name="ktrdr-run-cli",
+                connect_timeout_s=cfg.connect_timeout_s,
+                **self._callbacks,
             )
         try:
             self.handles = await ensure_jetstream(self.nc, self.config, mode=self.setup)

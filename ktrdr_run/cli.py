@@ -21,12 +21,12 @@ from typing import Any, TextIO
 
 import msgspec
 
-from dispatcher.backtest_cli import add_backtest_parser
-from dispatcher.cli_args import global_options_parser
 from dispatcher.config import Config, load_config
 from dispatcher.errors import ConfigError, KtrdrError, OpNotFound
-from dispatcher.hosts_cli import add_hosts_parsers
-from dispatcher.session import Session, submitter
+from ktrdr_run.cli_args import global_options_parser
+from ktrdr_run.cli_backtest import add_backtest_parser
+from ktrdr_run.cli_hosts import add_hosts_parsers
+from ktrdr_run.session import Session, submitter
 from runner import registry
 from runner.errors import KtrdrRunnerError
 from runner.protocol import (
@@ -78,7 +78,7 @@ def parse_pairs(pairs: list[str], what: str) -> dict[str, Any]:
 
 def build_job(kind: str, params: dict[str, Any], args: argparse.Namespace) -> Job:
     """A validated job from the command line (params converted to their declared types)."""
-    from dispatcher.service import new_job_id
+    from runner.protocol import new_job_id
 
     try:
         op = registry.get(kind)
@@ -428,6 +428,12 @@ async def cmd_images_build(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+async def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
+    from tui.app import run_dashboard
+
+    return await run_dashboard(config, read_only=args.read_only)
+
+
 def cmd_schema(args: argparse.Namespace, config: Config) -> int:
     print(json.dumps(schema(), indent=2))
     return EXIT_OK
@@ -458,11 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     The global options ``--config`` and ``-v/--verbose`` are accepted before or after the
     subcommand, at any nesting level (``ktrdr-run ops list --config X``, ``ktrdr-run -v
     ops -v list``). The top-level parser holds their real defaults; every subcommand parser
-    (whoever adds it: the subparsers action below hands them on, so hosts_cli's and
-    backtest_cli's subcommands get them too) has them as ``parents`` with
+    (whoever adds it: the subparsers action below hands them on, so cli_hosts' and
+    cli_backtest's subcommands get them too) has them as ``parents`` with
     ``default=argparse.SUPPRESS``, so a default never overwrites a value given earlier.
     ``--config`` given at several levels: the last one wins. ``-v`` counts add up over all
-    levels (``-v ops list -v`` is ``-vv``). See :mod:`dispatcher.cli_args`.
+    levels (``-v ops list -v`` is ``-vv``). See :mod:`ktrdr_run.cli_args`.
     """
 
     parser = global_options_parser(prog="ktrdr-run", description="Run trading research ops in containers.")
@@ -518,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_images_build)
 
     add_hosts_parsers(sub)
+
+    p = sub.add_parser("dashboard", help="live dashboard of ops and hosts (Textual)")
+    p.add_argument("--read-only", action="store_true", help="disable cancelling from the dashboard")
+    p.set_defaults(handler=cmd_dashboard)
 
     p = sub.add_parser("schema", help="print the JSON Schema of jobs, events and op records")
     p.set_defaults(handler=cmd_schema)

@@ -61,7 +61,7 @@ def add_backtest_parser(sub: Any, add_job_options: Any) -> None:
 
 
 async def cmd_backtest(args: argparse.Namespace, config: Config) -> int:
-    from dispatcher.cli import build_job, parse_pairs, submit_and_report
+    from ktrdr_run.cli import build_job, parse_pairs, submit_and_report
 
     params: dict[str, Any] = {
         "strategy": args.strategy,
