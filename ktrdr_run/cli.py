@@ -1,43 +1,41 @@
 """The ``ktrdr-run`` command line.
 
-Exit codes: 0 the op completed (or the command succeeded); 1 the op failed; 2 bad usage
-or input; 3 infrastructure unavailable (no Docker, no NATS); 124 the op timed out;
-130 the op was cancelled.
+Exit codes: 0 the op completed (or the command succeeded); 1 the op failed (or an
+artifact is corrupt); 2 bad usage or input (no such op or artifact); 3 infrastructure
+unavailable (no Docker, no NATS, no dispatcher); 124 the op timed out (or a wait ran
+out); 130 the op was cancelled.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TextIO
-
-import msgspec
+from typing import Any
 
 from dispatcher.config import Config, load_config
 from dispatcher.errors import ConfigError, KtrdrError, OpNotFound
 from ktrdr_run.cli_args import global_options_parser
 from ktrdr_run.cli_backtest import add_backtest_parser
 from ktrdr_run.cli_hosts import add_hosts_parsers
-from ktrdr_run.session import Session, submitter
+from ktrdr_run.cli_ops import add_ops_parsers, record_json
+from ktrdr_run.client import Client, Op, make_job
+from ktrdr_run.errors import ArtifactCorrupt, ArtifactNotFound, InvalidJob, WaitTimeout
+from ktrdr_run.render import ProgressView, print_record
+from ktrdr_run.session import Session
 from runner import registry
-from runner.errors import KtrdrRunnerError
 from runner.protocol import (
     CancelAckEvent,
     ErrorEvent,
+    Event,
     Job,
-    LogEvent,
     OpRecord,
     ProgressEvent,
     StatusEvent,
-    is_valid_id,
     schema,
 )
 
@@ -78,130 +76,33 @@ def parse_pairs(pairs: list[str], what: str) -> dict[str, Any]:
 
 def build_job(kind: str, params: dict[str, Any], args: argparse.Namespace) -> Job:
     """A validated job from the command line (params converted to their declared types)."""
-    from runner.protocol import new_job_id
-
-    try:
-        op = registry.get(kind)
-        typed = op.parse_params(params, strict=False)
-    except KtrdrRunnerError as exc:
-        raise UsageError(str(exc)) from None
-    job_id = args.job_id or new_job_id()
-    if not is_valid_id(job_id):
-        raise UsageError(f"--job-id {job_id!r}: use letters, digits, '-' and '_' (max 80)")
     resources: dict[str, Any] = {}
     for name in ("cpus", "memory_gb", "gpus", "gpu"):
         value = getattr(args, name, None)
         if value is not None:
             resources[name] = value
     try:
-        return msgspec.convert(
-            {
-                "job_id": job_id,
-                "kind": kind,
-                "params": msgspec.to_builtins(typed),
-                "resources": resources,
-                "timeout_s": args.timeout_s,
-                "labels": parse_pairs(args.label or [], "--label"),
-                "submitted_by": submitter(),
-                "data_dir": str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else "",
-            },
-            Job,
+        return make_job(
+            kind,
+            params,
+            resources=resources,
+            timeout_s=args.timeout_s,
+            labels=parse_pairs(args.label or [], "--label"),
+            job_id=args.job_id,
+            data_dir=args.data_dir,
+            lenient=True,
         )
-    except msgspec.ValidationError as exc:
-        raise UsageError(f"invalid job: {exc}") from None
-
-
-# --- rendering -------------------------------------------------------------------------
-
-
-class ProgressView:
-    """A one-line progress bar on a terminal; a line per step elsewhere."""
-
-    def __init__(self, stream: TextIO, op_id: str) -> None:
-        self.stream = stream
-        self.op_id = op_id
-        self.tty = stream.isatty()
-        self._last_step = ""
-        self._drawn = False
-
-    def status(self, event: StatusEvent) -> None:
-        self._clear()
-        where = f" on {event.host}" if event.host else ""
-        extra = f" ({event.message})" if event.message else ""
-        print(f"{self.op_id}: {event.state}{where}{extra}", file=self.stream, flush=True)
-
-    def progress(self, event: ProgressEvent) -> None:
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in list(event.metrics.items())[:4])
-        text = f"{event.message} {metrics}".strip()
-        if self.tty:
-            filled = int(event.percent / 100 * 30)
-            bar = "#" * filled + "." * (30 - filled)
-            self.stream.write(f"\r[{bar}] {event.percent:5.1f}% {text[:60]:<60}")
-            self.stream.flush()
-            self._drawn = True
-        elif event.step != self._last_step or event.percent >= 100:
-            print(f"{self.op_id}: {event.percent:5.1f}% {event.step} {text}".rstrip(), file=self.stream)
-        self._last_step = event.step
-
-    def line(self, text: str) -> None:
-        self._clear()
-        print(text, file=self.stream, flush=True)
-
-    def _clear(self) -> None:
-        if self._drawn:
-            self.stream.write("\r" + " " * 100 + "\r")
-            self._drawn = False
-
-
-def record_json(record: OpRecord) -> str:
-    """The op record as one JSON object."""
-    return msgspec.json.encode(record).decode()
-
-
-def render_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
-def print_record(record: OpRecord, out: TextIO = sys.stdout) -> None:
-    """A readable summary of an op record."""
-    print(f"op {record.op_id}  kind={record.kind}  state={record.state}", file=out)
-    if record.host:
-        print(f"  host={record.host}  image={record.image}  attempts={record.attempts}", file=out)
-    if record.exit_code is not None:
-        print(f"  exit_code={record.exit_code}", file=out)
-    start = record.timestamps.get("queued")
-    end = max(record.timestamps.values(), default=None)
-    if start and end:
-        print(f"  duration={end - start:.2f}s", file=out)
-    if record.result:
-        print("  result:", file=out)
-        for key, value in record.result.items():
-            print(f"    {key:<24} {render_value(value)}", file=out)
-    if record.artifacts:
-        print("  artifacts:", file=out)
-        for name, digest in record.artifacts.items():
-            print(f"    {name:<24} {digest}", file=out)
-    if record.error:
-        print(f"  error ({record.error.reason}): {record.error.message}", file=out)
-        if record.error.field:
-            print(f"    field: {record.error.field}", file=out)
-    if record.cancel:
-        forced = " (forced)" if record.cancel.forced else ""
-        print(f"  cancelled{forced}: {record.cancel.reason or 'no reason given'}", file=out)
-    if record.state == "failed" and record.log_tail:
-        print("  last log lines:", file=out)
-        for line in record.log_tail[-10:]:
-            print(f"    {line}", file=out)
+    except InvalidJob as exc:
+        message = str(exc)
+        if exc.field == "job_id":
+            message = f"--job-id {args.job_id!r}: use letters, digits, '-' and '_' (max 80)"
+        raise UsageError(message) from None
 
 
 # --- commands --------------------------------------------------------------------------
 
 
-async def follow_to_end(session: Session, op_id: str, view: ProgressView | None) -> OpRecord:
+async def follow_to_end(op: Op, view: ProgressView | None) -> OpRecord:
     """Follow an op's events until its terminal state; Ctrl-C asks to cancel it once,
     a second Ctrl-C stops waiting."""
     loop = asyncio.get_running_loop()
@@ -214,27 +115,28 @@ async def follow_to_end(session: Session, op_id: str, view: ProgressView | None)
         interrupted += 1
         if interrupted == 1:
             if view:
-                view.line(f"{op_id}: cancelling (Ctrl-C again to stop waiting)")
-            pending.add(asyncio.ensure_future(session.cancel(op_id, reason="Ctrl-C at the terminal")))
+                view.line(f"{op.op_id}: cancelling (Ctrl-C again to stop waiting)")
+            pending.add(asyncio.ensure_future(op.cancel(reason="Ctrl-C at the terminal")))
         elif follower is not None:
             follower.cancel()
 
+    def show(event: Event) -> None:
+        if view is None:
+            return
+        if isinstance(event, StatusEvent):
+            view.status(event)
+        elif isinstance(event, ProgressEvent):
+            view.progress(event)
+        elif isinstance(event, ErrorEvent):
+            view.line(f"{op.op_id}: error: {event.message}")
+        elif isinstance(event, CancelAckEvent):
+            view.line(f"{op.op_id}: cancel acknowledged by the runner")
+
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
-        async for event in session.follow(op_id):
-            if view is None:
-                continue
-            if isinstance(event, StatusEvent):
-                view.status(event)
-            elif isinstance(event, ProgressEvent):
-                view.progress(event)
-            elif isinstance(event, ErrorEvent):
-                view.line(f"{op_id}: error: {event.message}")
-            elif isinstance(event, CancelAckEvent):
-                view.line(f"{op_id}: cancel acknowledged by the runner")
+        return await op.wait(on_event=show)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
-    return await session.record(op_id)
 
 
 async def cmd_submit(args: argparse.Namespace, config: Config) -> int:
@@ -242,114 +144,41 @@ async def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     return await submit_and_report(job, args, config)
 
 
+Render = Callable[[Client, OpRecord], Awaitable[None]]
+
+
 async def submit_and_report(
-    job: Job, args: argparse.Namespace, config: Config, render: Callable[[OpRecord], None] | None = None
+    job: Job, args: argparse.Namespace, config: Config, render: Render | None = None
 ) -> int:
-    """Submit ``job``; with --detach return at once, else follow it and report the outcome."""
+    """Submit ``job``; with --detach return at once, else follow it and report the outcome
+    (``render`` shows a completed op its own way, while still connected)."""
     say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     # submitting may create what a fresh server lacks, never change what exists
-    async with Session(config, need_dispatcher=not args.detach, progress=say, setup="create") as session:
-        op_id = await session.submit(job)
+    session = Session(config, need_dispatcher=not args.detach, progress=say, setup="create")
+    async with Client.over(session) as client:
+        op = await client.submit_job(job)
         if args.detach:
             if args.json:
-                print(json.dumps({"op_id": op_id}))
+                print(json.dumps({"op_id": op.op_id}))
             else:
-                print(op_id)
-                if not await session.dispatchers():
+                print(op.op_id)
+                if not await client.dispatchers():
                     print(
                         "note: no dispatcher is running; start one with `ktrdr-run dispatcher`",
                         file=sys.stderr,
                     )
             return EXIT_OK
-        view = None if args.json else ProgressView(sys.stderr, op_id)
-        record = await follow_to_end(session, op_id, view)
-    if args.json:
-        print(record_json(record))
-    elif render is not None and record.state == "completed":
-        render(record)
-    else:
-        print_record(record)
-    return STATE_EXIT.get(record.state, EXIT_FAILED)
-
-
-async def cmd_ops_list(args: argparse.Namespace, config: Config) -> int:
-    async with Session(config, need_dispatcher=False) as session:
-        records = await session.records()
-    if args.state:
-        records = [r for r in records if r.state == args.state]
-    records = records[: args.limit]
-    if args.json:
-        print(msgspec.json.encode(records).decode())
-        return EXIT_OK
-    print(f"{'OP':<28} {'KIND':<12} {'STATE':<10} {'HOST':<14} {'PROGRESS':>8}  SUBMITTED")
-    for r in records:
-        submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(min(r.timestamps.values(), default=0)))
-        pct = f"{r.progress.percent:.0f}%" if r.progress else ""
-        print(f"{r.op_id:<28} {r.kind:<12} {r.state:<10} {r.host[:14]:<14} {pct:>8}  {submitted}")
-    return EXIT_OK
-
-
-async def cmd_ops_show(args: argparse.Namespace, config: Config) -> int:
-    async with Session(config, need_dispatcher=False) as session:
-        record = await session.record(args.op_id)
-    if args.json:
-        print(record_json(record))
-    else:
-        print_record(record)
-    return EXIT_OK
-
-
-async def cmd_ops_logs(args: argparse.Namespace, config: Config) -> int:
-    async with Session(config, need_dispatcher=False) as session:
-        record = await session.record(args.op_id)
-        follow = args.follow and not record.terminal
-
-        async def replay() -> None:
-            async for event in session.follow(args.op_id, until_terminal=True):
-                if isinstance(event, LogEvent):
-                    if args.json:
-                        print(msgspec.json.encode(event).decode(), flush=True)
-                    else:
-                        stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
-                        print(f"{stamp} {event.level:<7} {event.message}", flush=True)
-
-        if follow:
-            await replay()
+        if args.json:
+            record = await follow_to_end(op, None)
+            print(record_json(record))
         else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(replay(), timeout=1.0)
-        record = await session.record(args.op_id)
-    if record.log_tail and not args.json:
-        print("--- container output (last lines) ---")
-        for line in record.log_tail:
-            print(line)
-    return EXIT_OK
-
-
-async def cmd_ops_cancel(args: argparse.Namespace, config: Config) -> int:
-    async with Session(config, need_dispatcher=False) as session:
-        record = await session.record(args.op_id)
-        if record.terminal:
-            message = f"op {args.op_id} already finished ({record.state}); nothing to cancel"
-            print(
-                json.dumps({"op_id": args.op_id, "state": record.state, "cancelled": False})
-                if args.json
-                else message
-            )
-            return EXIT_OK
-        await session.cancel(args.op_id, reason=args.reason or "")
-        if not args.wait:
-            print(
-                json.dumps({"op_id": args.op_id, "requested": True})
-                if args.json
-                else f"cancel requested for {args.op_id}"
-            )
-            return EXIT_OK
-        async for _event in session.follow(args.op_id):
-            pass
-        record = await session.record(args.op_id)
-    print(record_json(record) if args.json else f"{args.op_id}: {record.state}")
-    return EXIT_OK
+            with ProgressView(sys.stderr, op.op_id) as view:
+                record = await follow_to_end(op, view)
+            if render is not None and record.state == "completed":
+                await render(client, record)
+            else:
+                print_record(record)
+    return STATE_EXIT.get(record.state, EXIT_FAILED)
 
 
 async def cmd_dispatcher(args: argparse.Namespace, config: Config) -> int:
@@ -455,7 +284,6 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", metavar="K=V", help="label the op (repeatable)")
     parser.add_argument("--data-dir", dest="data_dir", help="data directory, mounted read-only at /data")
     parser.add_argument("--detach", action="store_true", help="submit and return the op id at once")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,28 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_options(p)
     p.set_defaults(handler=cmd_submit)
 
-    ops = sub.add_parser("ops", help="list and inspect ops").add_subparsers(dest="ops_command", required=True)
-    p = ops.add_parser("list", help="list ops, newest first")
-    p.add_argument("--state", help="only ops in this state")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_ops_list)
-    p = ops.add_parser("show", help="show one op record")
-    p.add_argument("op_id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_ops_show)
-    p = ops.add_parser("logs", help="an op's log events and last container output")
-    p.add_argument("op_id")
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the op ends")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_ops_logs)
-    p = ops.add_parser("cancel", help="ask an op to cancel")
-    p.add_argument("op_id")
-    p.add_argument("--reason", default="")
-    p.add_argument("--wait", action="store_true", help="wait until the op has ended")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_ops_cancel)
-
+    add_ops_parsers(sub)
     add_backtest_parser(sub, add_job_options)
 
     p = sub.add_parser("dispatcher", help="run the dispatcher service")
@@ -511,7 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "setup", help="create/update JetStream's streams, buckets and consumer as the config says"
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_setup)
 
     images = sub.add_parser("images", help="runner images").add_subparsers(
@@ -520,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = images.add_parser("build", help="build the runner image (if its code changed, or --force)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--keep-old", action="store_true", help="keep superseded runner images")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_images_build)
 
     add_hosts_parsers(sub)
@@ -553,9 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OpNotFound as exc:
+    except (OpNotFound, ArtifactNotFound, InvalidJob) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ArtifactCorrupt as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except WaitTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TIMED_OUT
     except KtrdrError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INFRA

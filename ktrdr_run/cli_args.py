@@ -1,4 +1,5 @@
-"""Global command-line options accepted before or after any subcommand.
+"""Global command-line options (``--config``, ``-v``, ``--json``) accepted before or after
+any subcommand.
 
 ``ktrdr-run ops list --config X`` and ``ktrdr-run --config X ops list`` mean the same. The
 top-level parser holds the options' real defaults; every subcommand parser, at every
@@ -29,6 +30,12 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
         action="count",
         default=0 if defaults else argparse.SUPPRESS,
         help="more logging (-vv: debug); counts add up before and after the subcommand",
+    )
+    opts.add_argument(
+        "--json",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="machine-readable output: JSON on stdout",
     )
     return opts
 

@@ -1,14 +1,23 @@
 """``ktrdr-run backtest``: a one-shot backtest in a fresh container, with live progress,
-then the metrics and the first and last trades."""
+then the metrics, the first and last trades, the equity curve and drawdown drawn in the
+terminal, and with ``--report`` a self-contained HTML report."""
 
 from __future__ import annotations
 
 import argparse
+import io
+import shutil
 import sys
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dispatcher.config import Config
+from dispatcher.errors import KtrdrError
+from ktrdr_run.client import Client
 from runner.protocol import OpRecord
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Metrics that are fractions (0.12 = 12 %), shown as percentages in the table.
 FRACTION_METRICS = frozenset(
@@ -56,6 +65,8 @@ def add_backtest_parser(sub: Any, add_job_options: Any) -> None:
     p.add_argument("--sizing", choices=["all_in", "fraction"], default="all_in")
     p.add_argument("--fraction", type=float, default=1.0, help="equity fraction with --sizing fraction")
     p.add_argument("--close-at-end", action="store_true", help="close an open position at the last close")
+    p.add_argument("--report", type=Path, metavar="FILE.html", help="write a self-contained HTML report")
+    p.add_argument("--no-chart", action="store_true", help="skip the equity and drawdown chart")
     add_job_options(p)
     p.set_defaults(handler=cmd_backtest)
 
@@ -81,7 +92,43 @@ async def cmd_backtest(args: argparse.Namespace, config: Config) -> int:
     if args.end:
         params["end"] = args.end
     job = build_job("backtest", params, args)
-    return await submit_and_report(job, args, config, render=print_backtest)
+
+    async def render(client: Client, record: OpRecord) -> None:
+        print_backtest(record)
+        await show_equity(client, record, args)
+
+    return await submit_and_report(job, args, config, render=render)
+
+
+async def show_equity(client: Client, record: OpRecord, args: argparse.Namespace) -> None:
+    """The equity and drawdown chart, and the HTML report, from the op's artifacts."""
+    # imported here: pandas and the renderers cost every other command's start-up time
+    from ktrdr_run.charts import backtest_chart
+    from ktrdr_run.report import write_backtest_report
+
+    if args.no_chart and not args.report:
+        return
+    try:
+        equity = read_parquet(await client.op(record.op_id).artifact("equity_curve"))
+        trades = read_parquet(await client.op(record.op_id).artifact("trades"))
+    except KtrdrError as exc:
+        print(f"note: no chart or report: {exc}", file=sys.stderr)
+        return
+    if not args.no_chart:
+        width = min(shutil.get_terminal_size((80, 24)).columns, 120)
+        print()
+        for line in backtest_chart(equity, width=width):
+            print(line)
+    if args.report:
+        path = write_backtest_report(args.report, record, equity, trades)
+        print(f"report: {path.resolve()}", file=sys.stderr)
+
+
+def read_parquet(data: bytes) -> pd.DataFrame:
+    """A Parquet artifact as a DataFrame."""
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(data))
 
 
 def _format_metric(name: str, value: Any) -> str:

@@ -394,13 +394,11 @@ def add_hosts_parsers(sub: Any) -> None:
         dest="config_command", required=True
     )
     p = config_cmd.add_parser("check", help="validate the config and reach every host it names")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--timeout-s", dest="timeout_s", type=float, default=5.0, help="per-check timeout (default 5)"
     )
     p.set_defaults(handler=cmd_config_check, own_config=True)
 
     p = sub.add_parser("hosts", help="hosts, their state, capacity, GPUs and running ops")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--discover", action="store_true", help="ignore the snapshot: discover and check now")
     p.set_defaults(handler=cmd_hosts)

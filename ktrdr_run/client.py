@@ -256,6 +256,16 @@ class Client:
         )
         self._open = False
 
+    @classmethod
+    def over(cls, session: Session) -> Client:
+        """A client over a session built with options of the CLI's own (not yet open)."""
+        client = cls.__new__(cls)
+        client.config = session.config
+        client.local = session.allow_embedded
+        client._session = session
+        client._open = False
+        return client
+
     @property
     def session(self) -> Session:
         """The connected session (for the CLI); connect() first."""

@@ -2,7 +2,8 @@
 # Set up ktrdr-run on Debian 12: Docker engine, debootstrap, the project's .venv, and
 # the runner image. Idempotent and non-interactive; run it again at any time.
 #
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh          # to run ktrdr-run
+#   bash scripts/setup.sh --dev    # and to run its tests (adds headless Chromium)
 #
 # Environment: KTRDR_PYTHON (default python3.11), KTRDR_DOCKERD_LOG (default
 # /var/log/ktrdr-dockerd.log), KTRDR_DOCKER_WAIT_S (default 60).
@@ -14,6 +15,13 @@ PYTHON="${KTRDR_PYTHON:-python3.11}"
 DOCKERD_LOG="${KTRDR_DOCKERD_LOG:-/var/log/ktrdr-dockerd.log}"
 DOCKER_WAIT_S="${KTRDR_DOCKER_WAIT_S:-60}"
 export DEBIAN_FRONTEND=noninteractive
+DEV=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) DEV=1 ;;
+        *) echo "[setup] error: unknown option $arg (use --dev)" >&2; exit 2 ;;
+    esac
+done
 
 log() { echo "[setup] $*"; }
 die() { echo "[setup] error: $*" >&2; exit 1; }
@@ -37,6 +45,8 @@ have "$PYTHON" || missing+=(python3.11)
 if ! have "$PYTHON" || ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3.11-venv)
 fi
+# the tests open the HTML backtest report in a real browser
+[ "$DEV" -eq 0 ] || have chromium-headless-shell || missing+=(chromium-headless-shell fonts-dejavu-core)
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     # Without systemd, keep package scripts from starting services (dockerd is started
