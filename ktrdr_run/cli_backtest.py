@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -14,35 +13,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 from dispatcher.config import Config
 from dispatcher.errors import KtrdrError
 from ktrdr_run.client import Client
+from ktrdr_run.formats import format_metric
+from ktrdr_run.render import console_for
 from runner.protocol import OpRecord
 
 if TYPE_CHECKING:
     import pandas as pd
-
-# Metrics that are fractions (0.12 = 12 %), shown as percentages in the table.
-FRACTION_METRICS = frozenset(
-    {
-        "total_return_pct",
-        "annualized_return",
-        "volatility",
-        "max_drawdown_pct",
-        "win_rate",
-        "exposure_pct",
-        "buy_and_hold_return_pct",
-    }
-)
-MONEY_METRICS = frozenset(
-    {
-        "total_return",
-        "max_drawdown",
-        "avg_win",
-        "avg_loss",
-        "largest_win",
-        "largest_loss",
-        "final_equity",
-        "commissions_paid",
-    }
-)
 
 
 def add_backtest_parser(sub: Any, add_job_options: Any) -> None:
@@ -103,7 +79,7 @@ async def cmd_backtest(args: argparse.Namespace, config: Config) -> int:
 async def show_equity(client: Client, record: OpRecord, args: argparse.Namespace) -> None:
     """The equity and drawdown chart, and the HTML report, from the op's artifacts."""
     # imported here: pandas and the renderers cost every other command's start-up time
-    from ktrdr_run.charts import backtest_chart
+    from ktrdr_run.charts import backtest_chart, backtest_chart_text
     from ktrdr_run.report import write_backtest_report
 
     if args.no_chart and not args.report:
@@ -115,10 +91,14 @@ async def show_equity(client: Client, record: OpRecord, args: argparse.Namespace
         print(f"note: no chart or report: {exc}", file=sys.stderr)
         return
     if not args.no_chart:
-        width = min(shutil.get_terminal_size((80, 24)).columns, 120)
+        console = console_for(sys.stdout)
+        width = min(console.width if console.is_terminal else 80, 120)
         print()
-        for line in backtest_chart(equity, width=width):
-            print(line)
+        if console.is_terminal:
+            console.print(backtest_chart_text(equity, width=width))
+        else:
+            for line in backtest_chart(equity, width=width):
+                print(line)
     if args.report:
         path = write_backtest_report(args.report, record, equity, trades)
         print(f"report: {path.resolve()}", file=sys.stderr)
@@ -129,20 +109,6 @@ def read_parquet(data: bytes) -> pd.DataFrame:
     import pandas as pd
 
     return pd.read_parquet(io.BytesIO(data))
-
-
-def _format_metric(name: str, value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if name in FRACTION_METRICS:
-        return f"{value * 100:,.2f} %"
-    if name in MONEY_METRICS:
-        return f"{value:,.2f}"
-    if name == "avg_holding_period":
-        return f"{value:,.1f} h"
-    if isinstance(value, float):
-        return f"{value:,.4f}"
-    return f"{value:,}"
 
 
 def _trade_row(trade: dict[str, Any]) -> str:
@@ -169,7 +135,7 @@ def print_backtest(record: OpRecord, out: TextIO = sys.stdout) -> None:
     )
     print("  metrics:", file=out)
     for name, value in (result.get("metrics") or {}).items():
-        print(f"    {name:<24} {_format_metric(name, value):>18}", file=out)
+        print(f"    {name:<24} {format_metric(name, value):>18}", file=out)
     preview = result.get("trades_preview") or {}
     first, last = preview.get("first") or [], preview.get("last") or []
     total = preview.get("total", len(first))

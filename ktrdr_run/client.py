@@ -37,6 +37,7 @@ from ktrdr_run.errors import (
     InvalidJob,
     NatsUnavailable,
     NoDispatcher,
+    OpNotFound,
     WaitTimeout,
 )
 from ktrdr_run.session import Session, submitter
@@ -155,14 +156,19 @@ class Op:
             yield event
 
     async def wait(
-        self, timeout_s: float | None = None, *, on_event: Callable[[Event], Any] | None = None
+        self,
+        timeout_s: float | None = None,
+        *,
+        on_event: Callable[[Event], Any] | None = None,
+        no_dispatcher_s: float = NO_DISPATCHER_GRACE_S,
     ) -> OpRecord:
         """Wait for the op's terminal state and return its record.
 
         Raises :class:`WaitTimeout` after ``timeout_s`` (the op goes on) and
-        :class:`NoDispatcher` when the op stays queued with no dispatcher answering.
-        ``on_event`` sees every event on the way.
+        :class:`NoDispatcher` when the op has stayed queued for ``no_dispatcher_s`` with
+        no dispatcher answering. ``on_event`` sees every event on the way.
         """
+        check_every_s = min(5.0, max(no_dispatcher_s / 3, 0.2))
         started = time.monotonic()
         follow = asyncio.ensure_future(self._follow(on_event))
         try:
@@ -171,13 +177,13 @@ class Op:
                 left = None if timeout_s is None else timeout_s - (time.monotonic() - started)
                 if left is not None and left <= 0:
                     raise WaitTimeout(self.op_id, timeout_s or 0.0, await self._state())
-                step = 5.0 if left is None else min(5.0, left)
+                step = check_every_s if left is None else min(check_every_s, left)
                 done, _ = await asyncio.wait({follow}, timeout=step)
                 if done:
                     break
                 if await self._state() == "queued" and not await self.client.dispatchers():
                     unanswered_since = unanswered_since or time.monotonic()
-                    if time.monotonic() - unanswered_since >= NO_DISPATCHER_GRACE_S:
+                    if time.monotonic() - unanswered_since >= no_dispatcher_s:
                         raise NoDispatcher(self.op_id, time.monotonic() - unanswered_since)
                 else:
                     unanswered_since = None
@@ -196,8 +202,8 @@ class Op:
     async def _state(self) -> str:
         try:
             return (await self.record()).state
-        except KtrdrRunnerError:
-            return "unknown"
+        except OpNotFound:  # published, and no dispatcher has accepted it yet
+            return "queued"
         except Exception as exc:  # noqa: BLE001 - the state only words an error message
             log.debug("op %s: record unreadable while waiting: %s", self.op_id, exc)
             return "unknown"
@@ -211,7 +217,10 @@ class Op:
         record = await self.record()
         if name not in record.artifacts:
             known = ", ".join(sorted(record.artifacts)) or "none"
-            raise ArtifactNotFound(name, f"op {self.op_id} has artifacts: {known}")
+            why = "" if record.state == "completed" else f"; it is {record.state}"
+            if record.error is not None:
+                why += f": {record.error.message}"
+            raise ArtifactNotFound(name, f"op {self.op_id} has artifacts: {known}{why}")
         return await self.client.artifact(record.artifacts[name])
 
     async def save_artifacts(self, directory: str | os.PathLike[str]) -> dict[str, Path]:

@@ -99,7 +99,7 @@ class NatsSink:
         except NotFoundError:
             pass
         # the description carries the media type: clients name saved files by it
-        await self._store.put(ObjectMeta(name=object_name, description=content_type), data)
+        await self._store.put(object_name, data, meta=ObjectMeta(name=object_name, description=content_type))
         log.info("stored artifact %s as %s (%d bytes)", name, object_name, len(data))
 
     async def pump(self) -> None:
