@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from dispatcher.config import Config
 from dispatcher.errors import KtrdrError
+from ktrdr_run.cli_submit import add_job_options, build_job, parse_pairs, submit_and_report
 from ktrdr_run.client import Client
 from ktrdr_run.formats import format_metric
 from ktrdr_run.render import console_for
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def add_backtest_parser(sub: Any, add_job_options: Any) -> None:
+def add_backtest_parser(sub: Any) -> None:
     """Register the ``backtest`` subcommand."""
     p = sub.add_parser(
         "backtest",
@@ -48,8 +49,6 @@ def add_backtest_parser(sub: Any, add_job_options: Any) -> None:
 
 
 async def cmd_backtest(args: argparse.Namespace, config: Config) -> int:
-    from ktrdr_run.cli import build_job, parse_pairs, submit_and_report
-
     params: dict[str, Any] = {
         "strategy": args.strategy,
         "symbol": args.symbol,

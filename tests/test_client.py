@@ -100,12 +100,17 @@ async def test_ops_artifacts_writes_files_whose_sha256_matches_the_record(
     config: Config, dispatcher: RunningDispatcher, tmp_state: Path
 ) -> None:
     config_path = write_config(config, tmp_state / "ktrdr-run.toml")
-    ran = await asyncio.to_thread(
-        run_cli,
-        ["backtest", "--strategy", "sma_cross", "--symbol", "DEMO", "--job-id", "bt-art", "--no-chart"],
-        config_path,
-    )
+    report_path = str(tmp_state / "report.html")
+    args = ["backtest", "--strategy", "sma_cross", "--symbol", "DEMO", "--job-id", "bt-art"]
+    args += ["--report", report_path]
+    ran = await asyncio.to_thread(run_cli, args, config_path)
     assert ran.returncode == 0, ran.stderr
+    # not a terminal: the chart is drawn 80 columns wide, after the metrics
+    chart = ran.stdout[ran.stdout.index("\nEquity ") :].splitlines()[1:]
+    assert len(chart) >= 15 and max(len(line) for line in chart) <= 80
+    assert any("Drawdown  max" in line for line in chart)
+    report = (tmp_state / "report.html").read_text()
+    assert "bt-art" in report and "http://" not in report and "https://" not in report
     shown = await asyncio.to_thread(run_cli, ["ops", "show", "bt-art", "--json"], config_path)
     record = json.loads(shown.stdout)
     out_dir = tmp_state / "out"
