@@ -191,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit code of each error, first match wins.
+ERROR_EXIT: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
+    ((UsageError, ConfigError, OpNotFound, ArtifactNotFound, InvalidJob), EXIT_USAGE),
+    (ArtifactCorrupt, EXIT_FAILED),
+    (WaitTimeout, EXIT_TIMED_OUT),
+    (KtrdrError, EXIT_INFRA),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ktrdr-run`` console script."""
     args = build_parser().parse_args(argv)
@@ -204,23 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(result, Awaitable):
             result = asyncio.run(result)  # type: ignore[arg-type]
         return int(result)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OpNotFound, ArtifactNotFound, InvalidJob) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ArtifactCorrupt as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except WaitTimeout as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_TIMED_OUT
-    except KtrdrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INFRA
+    except (UsageError, KtrdrError) as exc:
+        label = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"{label}: {exc}", file=sys.stderr)
+        return next(code for kinds, code in ERROR_EXIT if isinstance(exc, kinds))
     except KeyboardInterrupt:
         return EXIT_CANCELLED
