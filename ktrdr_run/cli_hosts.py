@@ -29,6 +29,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import msgspec
+from rich.table import Table
+from rich.text import Text
 
 from discovery.base import DiscoveryError, Host
 from discovery.config import DiscoveryConfig, redact_url, redacted
@@ -38,7 +40,9 @@ from discovery.proxmox import ProxmoxProvider
 from dispatcher.config import CONFIG_ENV, DEFAULT_CONFIG_NAME, Config, load_config
 from dispatcher.embedded import is_local_url
 from dispatcher.errors import ConfigError, JetStreamSetupError, NatsUnavailable
+from ktrdr_run.render import console_for
 
+HOST_STATE_STYLES = {"available": "green", "unhealthy": "red", "gone": "dim"}
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 3
@@ -324,6 +328,34 @@ def print_hosts(snapshots: list[HostSnapshot], out: Callable[[str], None] = prin
             out(f"  {s.name}: {s.error}")
 
 
+def hosts_table(snapshots: list[HostSnapshot]) -> Table:
+    """The host table for a terminal: the columns of print_hosts, states coloured."""
+    table = Table(header_style="bold", box=None, padding=(0, 1))
+    for name in (
+        "HOST",
+        "SOURCE",
+        "STATE",
+        "CPUS free/total",
+        "MEM GiB free/total",
+        "GPUS free/total",
+        "OPS",
+    ):
+        table.add_column(
+            name, justify="right" if name in ("CPUS free/total", "MEM GiB free/total", "OPS") else "left"
+        )
+    for s in snapshots:
+        table.add_row(
+            s.name,
+            s.source,
+            Text(s.state, style=HOST_STATE_STYLES.get(s.state, "")),
+            f"{s.free_cpus:g}/{s.cpus:g}",
+            f"{s.free_memory_bytes / GIB:.1f}/{s.memory_bytes / GIB:.1f}",
+            _gpus_cell(s),
+            str(s.running_ops),
+        )
+    return table
+
+
 async def discover_snapshots(config: Config) -> tuple[list[HostSnapshot], dict[str, str]]:
     """Discover and check every host of the config once; (snapshots, provider errors)."""
     inventory = Inventory.from_config(
@@ -376,7 +408,14 @@ async def cmd_hosts(args: argparse.Namespace, config: Config) -> int:
     if note:
         print(f"note: {note}", file=sys.stderr)
     if snaps:
-        print_hosts(snaps)
+        console = console_for(sys.stdout)
+        if console.is_terminal:
+            console.print(hosts_table(snaps))
+            for s in snaps:
+                if s.error and s.state != "available":
+                    console.print(f"  {s.name}: {s.error}", style="red", markup=False)
+        else:
+            print_hosts(snaps)
     else:
         print("no hosts")
     for provider, error in errors.items():
