@@ -1,4 +1,4 @@
-"""Global CLI options (--config, -v/--verbose) before or after the subcommand.
+"""Global CLI options (--config, -v/--verbose, --json) before or after the subcommand.
 
 Parse-level tests plus two runs of the installed console script; no Docker or NATS.
 """
@@ -54,6 +54,25 @@ def test_global_options_anywhere(argv: list[str], config: str | None, verbose: i
     args = build_parser().parse_args(argv)
     assert args.config == (Path(config) if config is not None else None)
     assert args.verbose == verbose
+
+
+@pytest.mark.parametrize(
+    ("argv", "json_out"),
+    [
+        (["ops", "list"], False),
+        (["--json", "ops", "list"], True),
+        (["ops", "--json", "list"], True),
+        (["ops", "list", "--json"], True),
+        (["--json", "ops", "artifacts", "op1", "-o", "d"], True),
+        (["artifacts", "get", "sha256-x", "-o", "f", "--json"], True),
+        (["--json", "backtest", "--strategy", "sma_cross", "--symbol", "DEMO"], True),
+        (["submit", "probe", "--json"], True),
+        (["--json", "setup"], True),
+        (["hosts"], False),
+    ],
+)
+def test_json_is_a_global_option(argv: list[str], json_out: bool) -> None:
+    assert build_parser().parse_args(argv).json is json_out
 
 
 def test_subcommand_options_keep_their_behaviour() -> None:
