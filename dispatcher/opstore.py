@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from dispatcher.errors import OpNotFound, OwnershipLost
@@ -84,6 +84,10 @@ class Owner:
     def holds(self, record: OpRecord) -> bool:
         """Whether ``record`` still names this owner."""
         return record.dispatcher == self.dispatcher and record.attempts == self.attempt
+
+
+#: How long a watch waits for more current values after nats-py says there are none.
+SETTLE_S = 0.5
 
 
 class OpStore:
@@ -226,28 +230,60 @@ class OpStore:
             what=f"publish status of {record.op_id}",
         )
 
-    async def list(self) -> list[OpRecord]:
-        """Every op record in the bucket (one pass over the bucket's current values)."""
-        records: list[OpRecord] = []
+    async def watch(self) -> AsyncGenerator[list[OpRecord], None]:
+        """Batches of records: every current record first (one batch, maybe empty), then
+        each record as it is written. Deleted and expired records are skipped.
 
-        async def read_all() -> None:
-            records.clear()
-            watcher = await self.kv.watchall(ignore_deletes=True)
-            try:
-                async for entry in watcher:
-                    if entry is None:  # the current values are done; live updates follow
-                        return
-                    if not entry.value:
-                        continue
+        nats-py's own "current values done" marker can come before values the server has
+        already pushed (it compares the consumer's pending count with what the client has
+        processed so far), so the first batch ends by the server's word instead: the
+        message delivered with nothing pending after it. The marker only says to stop
+        waiting once nothing more arrives for ``SETTLE_S`` (an empty or expired bucket).
+        """
+        watcher = await self.kv.watchall()  # deletes too: the last current value may be one
+        updates = aiter(watcher)
+        batch: list[OpRecord] = []
+        initial, marker_seen = True, False
+        try:
+            while True:
+                try:
+                    if initial and marker_seen:
+                        entry = await asyncio.wait_for(anext(updates), SETTLE_S)
+                    else:
+                        entry = await anext(updates)
+                except TimeoutError:  # the marker was right: nothing more is current
+                    initial = False
+                    yield batch
+                    continue
+                if entry is None:
+                    marker_seen = True
+                    continue
+                record = None
+                if entry.value and entry.operation is None:
                     try:
-                        records.append(record_decoder.decode(entry.value))
+                        record = record_decoder.decode(entry.value)
                     except msgspec.DecodeError as exc:
                         log.warning("op record %s is unreadable (%s); skipped", entry.key, exc)
-            finally:
-                await watcher.stop()
+                if not initial:
+                    if record is not None:
+                        yield [record]
+                    continue
+                if record is not None:
+                    batch.append(record)
+                if entry.delta == 0:  # the last current value
+                    initial = False
+                    yield batch
+        finally:
+            await watcher.stop()
 
-        try:
-            await retrying(read_all, what="list ops")
-        except NoKeysError:
-            return []
-        return records
+    async def list(self) -> list[OpRecord]:
+        """Every op record in the bucket (one pass over the bucket's current values)."""
+
+        async def read_all() -> list[OpRecord]:
+            batches = self.watch()
+            try:
+                return await anext(batches)
+            finally:
+                await batches.aclose()
+
+        return await retrying(read_all, what="list ops")

@@ -49,7 +49,6 @@ from runner.protocol import (
     OpRecord,
     is_valid_id,
     new_job_id,
-    record_decoder,
 )
 
 log = logging.getLogger("ktrdr.client")
@@ -359,30 +358,14 @@ class Client:
     async def watch_ops(self) -> AsyncIterator[list[OpRecord]]:
         """Batches of op records: first every current record (one batch, possibly
         empty), then each record as it changes. Ends only when the caller stops."""
-        kv = self.session.handles.ops  # type: ignore[union-attr]
-        watcher = await kv.watchall(ignore_deletes=True)
-        batch: list[OpRecord] = []
-        initial = True
+        store = self.session.store
+        assert store is not None
+        batches = store.watch()
         try:
-            async for entry in watcher:
-                if entry is None:  # the current values are done; live updates follow
-                    initial = False
-                    yield batch
-                    batch = []
-                    continue
-                if not entry.value:
-                    continue
-                try:
-                    record = record_decoder.decode(entry.value)
-                except msgspec.DecodeError as exc:
-                    log.warning("op record %s is unreadable (%s); skipped", entry.key, exc)
-                    continue
-                if initial:
-                    batch.append(record)
-                else:
-                    yield [record]
+            async for batch in batches:
+                yield batch
         finally:
-            await watcher.stop()
+            await batches.aclose()
 
     async def cancel(self, op_id: str, reason: str = "") -> OpRecord | None:
         """Publish a cancel request for ``op_id`` (what ``ktrdr-run ops cancel`` does)."""

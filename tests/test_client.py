@@ -240,3 +240,24 @@ def test_nothing_is_left_connected(config: Config) -> None:
     )
     with pytest.raises(KtrdrError, match=r"no NATS server answers at nats://127\.0\.0\.1:1"):
         SyncClient(broken)
+
+
+async def test_every_record_is_listed_every_time(config: Config, js_handles: object) -> None:
+    """nats-py's "no more current values" marker can race ahead of values already pushed;
+    a listing must still hold every record, each time (1,000 records, 15 listings)."""
+    from runner.protocol import OpRecord, encode
+
+    handles = js_handles
+    for i in range(1000):
+        record = OpRecord(op_id=f"op-{i:04d}", kind="probe", timestamps={"queued": 1.0e9 + i})
+        await handles.ops.put(record.op_id, encode(record))  # type: ignore[attr-defined]
+    await handles.ops.delete("op-0999")  # type: ignore[attr-defined]  # the last value is a delete
+    async with Client(config) as client:
+        for _ in range(10):
+            assert len(await client.ops()) == 999
+        for _ in range(5):
+            batches = client.watch_ops()
+            first = await asyncio.wait_for(anext(batches), 10)
+            await batches.aclose()
+            assert len(first) == 999
+        assert (await client.ops(limit=1))[0].op_id == "op-0998"  # newest first
