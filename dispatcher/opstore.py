@@ -247,9 +247,7 @@ class OpStore:
         try:
             while True:
                 try:
-                    if initial and marker_seen:
-                        entry = await asyncio.wait_for(anext(updates), SETTLE_S)
-                    else:
+                    async with asyncio.timeout(SETTLE_S if initial and marker_seen else None):
                         entry = await anext(updates)
                 except TimeoutError:  # the marker was right: nothing more is current
                     initial = False

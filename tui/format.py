@@ -1,0 +1,160 @@
+"""How the dashboard words and colours things: states, progress, durations, metrics.
+
+Pure functions of an :class:`OpRecord` (and the time now), so the table, the detail
+screen and the tests agree on every figure shown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.text import Text
+
+from discovery.health import HostSnapshot
+from runner.protocol import TERMINAL_STATES, OpRecord
+
+#: Rich style of each op state.
+STATE_STYLES: dict[str, str] = {
+    "queued": "yellow",
+    "placing": "cyan",
+    "starting": "cyan",
+    "running": "bold dodger_blue1",
+    "completed": "green",
+    "failed": "bold red",
+    "cancelled": "magenta",
+    "timed_out": "red",
+    "lost": "dark_orange",
+}
+#: Lifecycle order of the states (what sorting by state follows).
+STATE_ORDER: dict[str, int] = {state: index for index, state in enumerate(STATE_STYLES)}
+#: Kinds whose headline metric is the validation loss.
+TRAINING_KINDS = frozenset({"train", "training", "train_model"})
+GIB = 1024**3
+
+
+def state_text(state: str) -> Text:
+    """The state, coloured."""
+    return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def submitted_at(record: OpRecord) -> float:
+    """When the op was first recorded (Unix seconds; 0 when unknown)."""
+    return min(record.timestamps.values(), default=0.0)
+
+
+def elapsed_s(record: OpRecord, now: float) -> float | None:
+    """Seconds the op has run (from ``running``, else from submission) up to its end or
+    ``now``; None when it has no timestamps."""
+    if not record.timestamps:
+        return None
+    start = record.timestamps.get("running", submitted_at(record))
+    if record.state in TERMINAL_STATES:
+        end = record.timestamps.get(record.state, max(record.timestamps.values()))
+    else:
+        end = now
+    return max(0.0, end - start)
+
+
+def duration(seconds: float | None) -> str:
+    """A short duration: ``4.2s``, ``3m07s``, ``2h05m``, ``3d04h``; ``-`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def percent_of(record: OpRecord) -> float:
+    """The op's progress in percent (100 for a completed op that reported none)."""
+    if record.progress is not None:
+        return record.progress.percent
+    return 100.0 if record.state == "completed" else 0.0
+
+
+def progress_text(percent: float, width: int = 10) -> Text:
+    """A small bar and the percentage: ``█████▌····  55%``."""
+    percent = min(100.0, max(0.0, percent))
+    eighths = round(percent / 100 * width * 8)
+    full, part = divmod(eighths, 8)
+    bar = "█" * full + (" ▏▎▍▌▋▊▉"[part] if part else "")
+    bar = bar + "·" * (width - len(bar))
+    text = Text()
+    text.append(bar, style="dodger_blue1")
+    text.append(f" {percent:3.0f}%")
+    return text
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _lookup(record: OpRecord, name: str) -> float | None:
+    """``name`` from the result's metrics, the result itself, then the last progress."""
+    result = record.result or {}
+    metrics = result.get("metrics")
+    for source in (metrics if isinstance(metrics, dict) else {}, result):
+        value = _number(source.get(name))
+        if value is not None:
+            return value
+    if record.progress is not None:
+        return _number(record.progress.metrics.get(name))
+    return None
+
+
+def headline_metric(record: OpRecord) -> tuple[str, float] | None:
+    """The one metric the table shows: Sharpe for backtests, validation loss for training
+    kinds (and for any op that reports one); None when there is none yet."""
+    order = ("val_loss", "sharpe_ratio") if record.kind in TRAINING_KINDS else ("sharpe_ratio", "val_loss")
+    for name in order:
+        value = _lookup(record, name)
+        if value is not None:
+            return name, value
+    return None
+
+
+def metric_text(record: OpRecord) -> str:
+    """The headline metric as shown: ``sharpe 1.27`` / ``val_loss 0.0412``."""
+    found = headline_metric(record)
+    if found is None:
+        return ""
+    name, value = found
+    return f"sharpe {value:.2f}" if name == "sharpe_ratio" else f"val_loss {value:.4g}"
+
+
+def number(value: float) -> str:
+    """A metric value, compactly."""
+    return f"{value:.4g}"
+
+
+def params_lines(params: dict[str, Any]) -> list[str]:
+    """``key = value`` lines of an op's params (values as JSON)."""
+    return [f"{key} = {json.dumps(value, default=str)}" for key, value in sorted(params.items())]
+
+
+def capacity(free: float, total: float, unit: str = "") -> str:
+    """``free/total`` with an optional unit."""
+    return f"{free:g}/{total:g}{unit}"
+
+
+def host_cells(host: HostSnapshot) -> tuple[str, str, Text, str, str, str, str]:
+    """The hosts-panel cells of one host: name, source, state, CPUs, memory, GPUs, ops."""
+    style = {"available": "green", "unhealthy": "bold red", "gone": "dim"}.get(host.state, "")
+    memory = f"{host.free_memory_bytes / GIB:.1f}/{host.memory_bytes / GIB:.1f}"
+    return (
+        host.name,
+        host.source,
+        Text(host.state, style=style),
+        capacity(round(host.free_cpus, 2), round(host.cpus, 2)),
+        memory,
+        capacity(host.free_gpus, len(host.gpus)),
+        str(host.running_ops),
+    )
