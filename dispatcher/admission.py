@@ -46,6 +46,8 @@ class Admitted:
     job: Job
     op: registry.Operation
     data_dir: str
+    #: The artifacts the op will read, by params field (``params.strategy_params.model``).
+    reads: dict[str, str]
 
 
 def validate_job(subject: str, data: bytes, config: Config) -> Admitted:
@@ -84,7 +86,8 @@ def validate_job(subject: str, data: bytes, config: Config) -> Admitted:
         except InvalidParams as exc:
             where = f"params.{exc.field}" if exc.field else "params"
             raise Rejected(str(exc), field=where, error_type="InvalidParams", job=job) from None
-    return Admitted(job, op, data_dir)
+    reads = {f"params.{field}": name for field, name in (op.reads(params) if op.reads else {}).items()}
+    return Admitted(job, op, data_dir, reads)
 
 
 def resolve_data_dir(job: Job, config: Config) -> str:

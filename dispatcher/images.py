@@ -57,6 +57,25 @@ RUNNER_REQUIREMENTS: Final[tuple[str, ...]] = (
     "tzdata==2026.6",
 )
 
+# torch for the `train` op, CPU build: the wheel pip finds on these machines (its own
+# dependencies pinned too). Only the train op imports torch, so probe and backtest
+# containers start as fast as without it (bench/image_start.py measures that).
+TORCH_CPU_REQUIREMENTS: Final[tuple[str, ...]] = (
+    "torch==2.13.0+cpu",
+    "filelock==4.3.1",
+    "fsspec==2026.9.0",
+    "jinja2==3.1.6",
+    "markupsafe==3.0.4",
+    "mpmath==1.3.0",
+    "networkx==3.6.1",
+    "setuptools==84.2.1",
+    "sympy==1.14.0",
+    "typing-extensions==4.16.0",
+)
+# torch for GPU hosts: PyPI's default build, which brings CUDA's runtime libraries as
+# nvidia-* wheels (several GB); built only where such a registry answers, on purpose.
+TORCH_CUDA_REQUIREMENTS: Final[tuple[str, ...]] = ("torch==2.13.0",)
+
 # The image's Python: wheels are downloaded for exactly this interpreter.
 PYTHON_VERSION: Final = "3.11"
 PYTHON_ABI: Final = "cp311"
@@ -73,12 +92,20 @@ class Flavor:
     name: str
     dockerfile: str
     requirements: tuple[str, ...]
+    #: Download wheels from the public index only (not the host's local wheel folders,
+    #: whose CPU torch would otherwise win the resolution).
+    public_index_only: bool = False
 
 
-# The seam for more images: a later "gpu" flavor adds its own Dockerfile (a CUDA base)
-# and RUNNER_REQUIREMENTS + torch. Only "cpu" exists today.
+# cpu: every op, torch on the CPU. cuda: the same with CUDA torch, for hosts with GPUs
+# (the dispatcher uses it there when the host's engine has it). slim: no torch, for
+# hosts that never train, and the reference of bench/image_start.py.
 FLAVORS: Final[dict[str, Flavor]] = {
-    "cpu": Flavor(name="cpu", dockerfile="Dockerfile", requirements=RUNNER_REQUIREMENTS),
+    "cpu": Flavor("cpu", "Dockerfile", RUNNER_REQUIREMENTS + TORCH_CPU_REQUIREMENTS),
+    "cuda": Flavor(
+        "cuda", "Dockerfile", RUNNER_REQUIREMENTS + TORCH_CUDA_REQUIREMENTS, public_index_only=True
+    ),
+    "slim": Flavor("slim", "Dockerfile", RUNNER_REQUIREMENTS),
 }
 
 
@@ -299,7 +326,8 @@ def build_wheelhouse(
     with the host's pip into ``<cache_dir>/wheelhouse/<key>`` once and re-used.
     """
     config = config or ImagesConfig()
-    requirements = _flavor(flavor).requirements
+    spec = _flavor(flavor)
+    requirements = spec.requirements
     if config.wheelhouse:
         path = Path(config.wheelhouse).expanduser()
         if not path.is_dir() or not any(path.glob("*.whl")):
@@ -318,6 +346,9 @@ def build_wheelhouse(
     cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
            "--progress-bar", "off", "--only-binary=:all:", "--python-version", PYTHON_VERSION,
            "--implementation", "cp", "--abi", PYTHON_ABI]  # fmt: skip
+    if spec.public_index_only:  # ignore pip.conf's find-links and extra indexes
+        cmd.insert(3, "--isolated")
+        cmd += ["--index-url", "https://pypi.org/simple"]
     for name in platforms:
         cmd += ["--platform", name]
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -433,14 +464,16 @@ def ensure_runner_image(
 def prune_runner_images(
     client: docker.DockerClient, keep_tag: str, *, repository: str = IMAGE_REPOSITORY
 ) -> list[str]:
-    """Remove every ``<repository>:*`` runner image tag but ``keep_tag``; returns them.
+    """Remove every runner image tag of ``keep_tag``'s flavor but ``keep_tag`` (other
+    flavors are left alone); returns them.
 
     An image that a container (running or stopped) still uses keeps its last tag.
     """
+    flavor = keep_tag.rpartition(":")[2].rpartition("-")[0]
     in_use = {c.get("ImageID") for c in client.api.containers(all=True)}
     removed: list[str] = []
     for image in client.images.list(name=repository, filters={"label": f"{LABEL_IMAGE}=runner"}):
-        stale = [t for t in image.tags if t.startswith(f"{repository}:") and t != keep_tag]
+        stale = [t for t in image.tags if t.startswith(f"{repository}:{flavor}-") and t != keep_tag]
         remaining = len(image.tags)
         for tag in stale:
             if remaining == 1 and image.id in in_use:

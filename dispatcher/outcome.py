@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from dispatcher.engine import ContainerExit, DockerEngine
 from dispatcher.opstore import Owner
 from dispatcher.placement import Reservation
@@ -116,7 +118,8 @@ def classify(run: OpRun, ending: ContainerExit, exit_code: int) -> tuple[str, di
         fields["error"] = ErrorInfo(reason="timeout", message=f"timed out after {timeout:g}s")
         return "timed_out", fields
     if run.cancel_ack is not None and requested is not None:
-        return "cancelled", {**fields, "cancel": intent}
+        intent = msgspec.structs.replace(intent, partial_saved=run.cancel_ack.partial_saved)
+        return "cancelled", {**fields, "cancel": intent, "artifacts": run.cancel_ack.artifacts}
     if exit_code == 0 and run.result is not None:
         return "completed", {**fields, "result": run.result.result, "artifacts": run.result.artifacts}
     if requested is not None:

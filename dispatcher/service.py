@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -36,6 +35,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError as ObjectNotFoundError
 
 from discovery.base import DiscoveryError
 from dispatcher import reachability
@@ -51,6 +51,7 @@ from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, Owner, retrying
 from dispatcher.outcome import OpRun
 from dispatcher.placement import Placement, Reservation, why_never_placeable
 from dispatcher.rejections import dead_letter, reject
+from dispatcher.runner_images import ImageProvider, RunnerImages
 from dispatcher.supervisor import Supervisor
 from runner.protocol import (
     DISPATCHER_CONSUMER,
@@ -73,8 +74,6 @@ from runner.protocol import (
 )
 
 log = logging.getLogger("ktrdr.dispatcher")
-
-ImageProvider = Callable[[], str]
 
 
 class Dispatcher:
@@ -102,11 +101,9 @@ class Dispatcher:
         self.own_only = own_only
         self.placement = Placement(handles.reservations, self.dispatcher_id)
         self.hosts_kv = handles.hosts
+        self.artifacts = handles.artifacts
         self.leases_kv = handles.dispatchers
-        self._image_provider = image
-        self._image: str | None = None
-        self._image_lock = asyncio.Lock()
-        self.image_source: docker.DockerClient | None = image_source
+        self.images = RunnerImages(fleet, image, source=image_source, config=config.images)
         self.runs: dict[str, OpRun] = {}
         self.claiming: set[str] = set()  # ops being claimed by this dispatcher right now
         self._held: set[int] = set()  # job messages held, not yet claimed or rejected
@@ -123,7 +120,7 @@ class Dispatcher:
             self.placement,
             fleet,
             self.dispatcher_id,
-            self._image_on,
+            self.images.on,
             on_requeued=self._handle_direct if own_only else None,
         )
         limit = config.dispatcher.max_concurrent_ops
@@ -296,7 +293,7 @@ class Dispatcher:
             try:
                 engine = await self.fleet.engine(host)
                 url = await self.supervisor.runner_url(host.name, engine)
-                image = None if self.own_only else await self._image_on(engine)  # one-shot: quick
+                image = None if self.own_only else await self.images.on(engine, False)  # one-shot: quick
                 found = await reachability.problem(
                     engine, url, image=image, deployment=self.supervisor.deployment
                 )
@@ -349,6 +346,16 @@ class Dispatcher:
             await reject(self.js, self.store, lease, exc)
             return
         job = admitted.job
+        for field, name in admitted.reads.items():
+            if not await self._artifact_exists(name):
+                missing = f"{field}: no artifact {name!r} in the artifact store (expired, or never stored)"
+                await reject(
+                    self.js,
+                    self.store,
+                    lease,
+                    Rejected(missing, field=field, error_type="ArtifactNotFound", job=job),
+                )
+                return
         resources = resolve_resources(job, admitted.op)
         if resources.gpu == "never" and resources.gpus:
             await reject(
@@ -415,6 +422,13 @@ class Dispatcher:
             if self.runs.get(run.op_id) is run:  # a next attempt may be running already
                 del self.runs[run.op_id]
             self._free_slot()
+
+    async def _artifact_exists(self, name: str) -> bool:
+        try:
+            await retrying(lambda: self.artifacts.get_info(name), what=f"look up artifact {name}")
+        except ObjectNotFoundError:
+            return False
+        return True
 
     async def _queued_record(
         self, lease: JobLease, job: Job, resources: Resources, data_dir: str
@@ -524,24 +538,6 @@ class Dispatcher:
             message="cancelled before start; no container was created",
         )
         return done is not None
-
-    # -- images ---------------------------------------------------------------------------
-
-    async def _image_tag(self) -> str:
-        async with self._image_lock:
-            if self._image is None:
-                self._image = await asyncio.to_thread(self._image_provider)
-            return self._image
-
-    async def _image_on(self, engine: DockerEngine) -> str:
-        """The runner image's tag, present on ``engine``."""
-        tag = await self._image_tag()
-        try:
-            await self.fleet.ensure_image(engine, tag, self.image_source)
-        except Exception:
-            self._image = None  # build or find it again on the next attempt
-            raise
-        return tag
 
     # -- cancel ------------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ class Supervisor:
         placement: Placement,
         fleet: Fleet,
         dispatcher_id: str,
-        image_on: Callable[[DockerEngine], Awaitable[str]],
+        image_on: Callable[[DockerEngine, bool], Awaitable[str]],
         on_requeued: OnRequeued | None = None,
     ) -> None:
         self.config = config
@@ -176,7 +176,7 @@ class Supervisor:
     async def _start_container(self, run: OpRun, record: OpRecord) -> bool:
         """placing → starting → running; False when the op was cancelled meanwhile."""
         cfg = self.config.dispatcher
-        image = await self._image_on(run.engine)
+        image = await self._image_on(run.engine, bool(run.reservation.gpu_ids))
         if run.cancel_requested is not None:
             await self.store.transition(
                 run.op_id,

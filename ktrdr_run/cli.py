@@ -35,6 +35,7 @@ from ktrdr_run.cli_submit import (
     parse_pairs,
     submit_and_report,
 )
+from ktrdr_run.cli_train import add_train_parser
 from ktrdr_run.errors import ArtifactCorrupt, ArtifactNotFound, InvalidJob, WaitTimeout
 from ktrdr_run.session import Session
 from runner import registry
@@ -110,7 +111,9 @@ async def cmd_images_build(args: argparse.Namespace, config: Config) -> int:
     try:
         say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
         tag = await asyncio.to_thread(
-            lambda: ensure_runner_image(client, config=config.images, progress=say, force=args.force)
+            lambda: ensure_runner_image(
+                client, config=config.images, progress=say, force=args.force, flavor=args.flavor
+            )
         )
         pruned = [] if args.keep_old else await asyncio.to_thread(prune_runner_images, client, tag)
     finally:
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ops_parsers(sub)
     add_backtest_parser(sub)
+    add_train_parser(sub)
 
     p = sub.add_parser("dispatcher", help="run the dispatcher service")
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty and ops are done")
@@ -178,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = images.add_parser("build", help="build the runner image (if its code changed, or --force)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--keep-old", action="store_true", help="keep superseded runner images")
+    p.add_argument(
+        "--flavor",
+        choices=["cpu", "cuda", "slim"],
+        default="cpu",
+        help="cpu (default; torch for the CPU), cuda (CUDA torch for GPU hosts; needs PyPI), slim (no torch)",
+    )
     p.set_defaults(handler=cmd_images_build)
 
     add_hosts_parsers(sub)

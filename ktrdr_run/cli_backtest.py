@@ -127,6 +127,8 @@ def print_backtest(record: OpRecord, out: TextIO = sys.stdout) -> None:
     period = result.get("period", {})
     print(f"backtest {record.op_id}: {label} on {result.get('symbol')} {result.get('timeframe')}", file=out)
     print(f"  data: {result.get('data_source', '')}", file=out)
+    for warning in result.get("warnings") or []:
+        print(f"  WARNING: {warning}", file=out)
     if result.get("synthetic_data"):
         print("  NOTE: these are generated demo bars, not market data.", file=out)
     print(

@@ -131,7 +131,11 @@ Render = Callable[[Client, OpRecord], Awaitable[None]]
 
 
 async def submit_and_report(
-    job: Job, args: argparse.Namespace, config: Config, render: Render | None = None
+    job: Job,
+    args: argparse.Namespace,
+    config: Config,
+    render: Render | None = None,
+    milestone: Callable[[ProgressEvent], str | None] | None = None,
 ) -> int:
     """Submit ``job``; with --detach return at once, else follow it and report the outcome
     (``render`` shows a completed op its own way, while still connected)."""
@@ -155,7 +159,7 @@ async def submit_and_report(
             record = await follow_to_end(op, None)
             print(record_json(record))
         else:
-            with ProgressView(sys.stderr, op.op_id) as view:
+            with ProgressView(sys.stderr, op.op_id, milestone) as view:
                 record = await follow_to_end(op, view)
             if render is not None and record.state == "completed":
                 await render(client, record)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -83,9 +84,13 @@ class ProgressView:
     """Follows one op: a live rich progress bar (step, percent, metrics) on a terminal,
     a line per step and per state change elsewhere."""
 
-    def __init__(self, stream: TextIO, op_id: str) -> None:
+    def __init__(
+        self, stream: TextIO, op_id: str, milestone: Callable[[ProgressEvent], str | None] | None = None
+    ) -> None:
         self.stream = stream
         self.op_id = op_id
+        #: Turns a milestone (an epoch's end) into a line printed for good; None: none.
+        self.milestone = milestone
         self.console = console_for(stream)
         self.tty = self.console.is_terminal
         self._last_step = ""
@@ -127,12 +132,16 @@ class ProgressView:
             print(f"{self.op_id}: {event.state}{where}{extra}", file=self.stream, flush=True)
 
     def progress(self, event: ProgressEvent) -> None:
-        """Progress: move the bar; without a terminal, a line when the step changes."""
+        """Progress: move the bar; without a terminal, a line when the step changes.
+        A milestone gets its own line either way."""
+        line = self.milestone(event) if self.milestone is not None else None
+        if line:
+            self.line(line)
         metrics = " ".join(f"{k}={v:.4g}" for k, v in list(event.metrics.items())[:4])
         if self._progress is not None and self._task is not None:
             step = event.step or event.message
             self._progress.update(self._task, completed=event.percent, step=step[:30], metrics=metrics)
-        elif event.step != self._last_step or event.percent >= 100:
+        elif not line and (event.step != self._last_step or event.percent >= 100):
             text = f"{event.message} {metrics}".strip()
             print(f"{self.op_id}: {event.percent:5.1f}% {event.step} {text}".rstrip(), file=self.stream)
         self._last_step = event.step
@@ -191,6 +200,7 @@ def print_record(record: OpRecord, out: TextIO | None = None) -> None:
             console.print(f"  field: {record.error.field}", markup=False)
     if record.cancel:
         forced = " (forced)" if record.cancel.forced else ""
+        forced += "; partial results saved (artifacts above)" if record.cancel.partial_saved else ""
         console.print(
             Text(f"cancelled{forced}: {record.cancel.reason or 'no reason given'}", style="magenta")
         )
@@ -223,6 +233,7 @@ def _print_record_plain(record: OpRecord, out: TextIO) -> None:
             print(f"    field: {record.error.field}", file=out)
     if record.cancel:
         forced = " (forced)" if record.cancel.forced else ""
+        forced += "; partial results saved (artifacts above)" if record.cancel.partial_saved else ""
         print(f"  cancelled{forced}: {record.cancel.reason or 'no reason given'}", file=out)
     if record.state == "failed" and record.log_tail:
         print("  last log lines:", file=out)

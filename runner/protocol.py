@@ -203,6 +203,8 @@ class CancelIntent(Struct, frozen=True):
     requested_by: str = ""
     acked: bool = False
     forced: bool = False
+    #: The op stored what it had before it stopped (its artifacts are in the record).
+    partial_saved: bool = False
 
 
 class OpRecord(Struct, kw_only=True):
@@ -296,10 +298,12 @@ class ErrorEvent(_Event, frozen=True, tag="error"):
 
 
 class CancelAckEvent(_Event, frozen=True, tag="cancel_ack"):
-    """The runner saw the cancel and is exiting."""
+    """The runner saw the cancel and is exiting. ``partial_saved``: the op stored what it
+    had (a training checkpoint), listed in ``artifacts`` like a result's."""
 
     partial_saved: bool = False
     message: str = ""
+    artifacts: dict[str, str] = {}
 
 
 class HeartbeatEvent(_Event, frozen=True, tag="heartbeat"):

@@ -28,9 +28,11 @@ OpFunction = Callable[["OpContext", Any], dict[str, Any]]
 ParamsCheck = Callable[[Any], None]
 # (parsed params, host data directory or None) -> None; raises DataError
 Preflight = Callable[[Any, Path | None], None]
+# parsed params -> {params field: artifact store name} the op will read
+ArtifactReads = Callable[[Any], dict[str, str]]
 
 # Modules that declare the built-in operations, imported on first registry use.
-BUILTIN_MODULES: tuple[str, ...] = ("runner.ops.probe", "runner.ops.backtest")
+BUILTIN_MODULES: tuple[str, ...] = ("runner.ops.probe", "runner.ops.backtest", "runner.ops.train")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,9 @@ class Operation:
     description: str
     check: ParamsCheck | None = None
     preflight: Preflight | None = None
+    #: The artifacts the op will read, by params field: the dispatcher checks that each
+    #: exists before any container starts.
+    reads: ArtifactReads | None = None
 
     def parse_params(self, params: dict[str, Any], *, strict: bool = True) -> msgspec.Struct:
         """Validate ``params`` into the kind's params struct.
@@ -74,6 +79,7 @@ def operation(
     resources: Resources | None = None,
     check: ParamsCheck | None = None,
     preflight: Preflight | None = None,
+    reads: ArtifactReads | None = None,
 ) -> Callable[[OpFunction], OpFunction]:
     """Declare ``fn`` as the operation ``kind`` with params struct ``params``.
 
@@ -102,6 +108,7 @@ def operation(
             description=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
             check=check,
             preflight=preflight,
+            reads=reads,
         )
         return fn
 

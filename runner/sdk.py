@@ -30,14 +30,18 @@ def artifact_name(data: bytes) -> str:
 class Sink(Protocol):
     """Where an op's reports go."""
 
-    def progress(self, snapshot: ProgressSnapshot) -> None:
-        """Offer the latest progress; must not block."""
+    def progress(self, snapshot: ProgressSnapshot, milestone: bool = False) -> None:
+        """Offer the latest progress; must not block. A milestone is published for sure
+        (in order); other progress may be superseded by newer progress."""
 
     def log(self, level: str, message: str) -> None:
         """Queue one log line; must not block."""
 
     def artifact(self, name: str, object_name: str, data: bytes, content_type: str) -> None:
         """Store ``data`` under ``object_name``; may block until stored."""
+
+    def fetch(self, object_name: str) -> bytes:
+        """The bytes of a stored artifact; may block. KtrdrRunnerError when missing."""
 
 
 class CancelToken:
@@ -88,7 +92,18 @@ class OpContext:
         self._sink = sink
 
     def progress(self, percent: float, message: str = "", *, step: str = "", **metrics: float) -> None:
-        """Report progress: ``percent`` in [0, 100], a message, numeric metrics (loss=0.3)."""
+        """Report progress: ``percent`` in [0, 100], a message, numeric metrics (loss=0.3).
+        Progress is throttled: when reports come faster than they are sent, the newest wins."""
+        self._report(percent, message, step, metrics, milestone=False)
+
+    def milestone(self, percent: float, message: str = "", *, step: str = "", **metrics: float) -> None:
+        """Progress that is always published, in order (an epoch's end): a client sees
+        every milestone as its own progress event."""
+        self._report(percent, message, step, metrics, milestone=True)
+
+    def _report(
+        self, percent: float, message: str, step: str, metrics: dict[str, float], *, milestone: bool
+    ) -> None:
         if not math.isfinite(percent):
             raise KtrdrRunnerError(f"progress percent must be a finite number, got {percent!r}")
         clean: dict[str, float] = {}
@@ -103,7 +118,8 @@ class OpContext:
                 message=message,
                 metrics=clean,
                 ts=now(),
-            )
+            ),
+            milestone,
         )
 
     def log(self, message: str, level: str = "info") -> None:
@@ -136,6 +152,15 @@ class OpContext:
         self.artifacts[name] = object_name
         return object_name
 
+    def load_artifact(self, object_name: str) -> bytes:
+        """A stored artifact's bytes by its store name (``sha256-...``), verified."""
+        data = self._sink.fetch(object_name)
+        if object_name.startswith("sha256-") and artifact_name(data) != object_name:
+            raise KtrdrRunnerError(
+                f"artifact {object_name} is corrupt: its content hashes to {artifact_name(data)}"
+            )
+        return data
+
 
 class LocalSink:
     """A sink that keeps everything in memory: tests and ``--stdout`` mode."""
@@ -146,7 +171,7 @@ class LocalSink:
         self.stored: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def progress(self, snapshot: ProgressSnapshot) -> None:
+    def progress(self, snapshot: ProgressSnapshot, milestone: bool = False) -> None:
         with self._lock:
             self.progress_reports.append(snapshot)
 
@@ -157,6 +182,12 @@ class LocalSink:
     def artifact(self, name: str, object_name: str, data: bytes, content_type: str) -> None:
         with self._lock:
             self.stored[object_name] = data
+
+    def fetch(self, object_name: str) -> bytes:
+        with self._lock:
+            if object_name not in self.stored:
+                raise KtrdrRunnerError(f"no artifact {object_name!r} in the artifact store")
+            return self.stored[object_name]
 
 
 def local_context(kind: str, op_id: str = "local", **kwargs: object) -> tuple[OpContext, LocalSink]:

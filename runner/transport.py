@@ -67,20 +67,29 @@ class NatsSink:
         self._spec = spec
         self._lock = threading.Lock()
         self._latest: ProgressSnapshot | None = None
+        self._milestones: list[ProgressSnapshot] = []
         self._wake = asyncio.Event()
         self._store: Any = None
 
     # -- called from the compute thread --------------------------------------------------
 
-    def progress(self, snapshot: ProgressSnapshot) -> None:
+    def progress(self, snapshot: ProgressSnapshot, milestone: bool = False) -> None:
         with self._lock:
-            self._latest = snapshot
+            if milestone:
+                self._milestones.append(snapshot)
+                self._latest = None  # the milestone is newer
+            else:
+                self._latest = snapshot
         self._loop.call_soon_threadsafe(self._wake.set)
 
     def log(self, level: str, message: str) -> None:
         # The container's output is the one log path: the dispatcher streams it as log
         # events, so a line printed by the op and one logged through the SDK look alike.
         print(f"[{level}] {message}", file=sys.stderr, flush=True)
+
+    def fetch(self, object_name: str) -> bytes:
+        future = asyncio.run_coroutine_threadsafe(self._get(object_name), self._loop)
+        return future.result(timeout=self._spec.result_deadline_s)
 
     def artifact(self, name: str, object_name: str, data: bytes, content_type: str) -> None:
         future = asyncio.run_coroutine_threadsafe(
@@ -89,6 +98,15 @@ class NatsSink:
         future.result(timeout=self._spec.result_deadline_s)
 
     # -- event loop side -----------------------------------------------------------------
+
+    async def _get(self, object_name: str) -> bytes:
+        if self._store is None:
+            self._store = await self._js.object_store(ARTIFACTS_BUCKET)
+        try:
+            result = await self._store.get(object_name)
+        except NotFoundError:
+            raise KtrdrRunnerError(f"no artifact {object_name!r} in the artifact store") from None
+        return bytes(result.data or b"")
 
     async def _put(self, object_name: str, data: bytes, name: str, content_type: str) -> None:
         if self._store is None:
@@ -114,21 +132,26 @@ class NatsSink:
         """Publish the pending progress, now."""
         with self._lock:
             latest, self._latest = self._latest, None
+            milestones, self._milestones = self._milestones, []
         op_id = self._spec.op_id
-        try:
-            if latest is not None:
-                progress = ProgressEvent(
-                    op_id=op_id,
-                    attempt=self._spec.attempt,
-                    ts=latest.ts,
-                    percent=latest.percent,
-                    step=latest.step,
-                    message=latest.message,
-                    metrics=latest.metrics,
-                )
+        pending = [*milestones, *([latest] if latest is not None else [])]
+        for sent, snapshot in enumerate(pending):
+            progress = ProgressEvent(
+                op_id=op_id,
+                attempt=self._spec.attempt,
+                ts=snapshot.ts,
+                percent=snapshot.percent,
+                step=snapshot.step,
+                message=snapshot.message,
+                metrics=snapshot.metrics,
+            )
+            try:
                 await self._nc.publish(op_subject(op_id, "progress"), encode(progress))
-        except Exception as exc:  # noqa: BLE001 - progress is best effort during an outage
-            log.warning("progress publish failed (%s); will retry with newer progress", exc)
+            except Exception as exc:  # noqa: BLE001 - progress is best effort during an outage
+                log.warning("progress publish failed (%s); will retry with newer progress", exc)
+                with self._lock:  # milestones are kept for the next flush
+                    self._milestones[:0] = [m for m in milestones[sent:]]
+                return
 
 
 async def publish_acked(js: JetStreamContext, subject: str, payload: bytes, deadline: float) -> bool:
@@ -253,7 +276,12 @@ async def run_op(spec: RunnerSpec) -> int:
     except Cancelled as exc:
         code = EXIT_CANCELLED
         event = CancelAckEvent(
-            op_id=op_id, ts=now(), attempt=spec.attempt, partial_saved=ctx.partial_saved, message=str(exc)
+            op_id=op_id,
+            ts=now(),
+            attempt=spec.attempt,
+            partial_saved=ctx.partial_saved,
+            message=str(exc),
+            artifacts=ctx.artifacts,
         )
         outcome = (op_subject(op_id, "cancel_ack"), encode(event))
     except SystemExit as exc:

@@ -16,8 +16,8 @@ from discovery.docker_engines import EngineEndpoint
 from discovery.health import HostStatus, publish_snapshot, snapshot_of
 from dispatcher.config import Config
 from dispatcher.embedded import EmbeddedNats, free_port
-from ktrdr_run.cli_hosts import cmd_config_check, cmd_hosts
 from dispatcher.jetstream import JetStreamHandles
+from ktrdr_run.cli_hosts import cmd_config_check, cmd_hosts
 from tests.proxmox_fake import FakeProxmox
 
 SECRET = "a7f3c9e1-5b2d-4e8f-9c0a-1d2e3f4a5b6c"

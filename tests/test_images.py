@@ -188,8 +188,9 @@ def test_runner_image_metadata(client: docker.DockerClient, runner_image: str) -
     assert "PYTHONDONTWRITEBYTECODE=1" in config["Env"]
     assert config["Labels"]["ktrdr.image"] == "runner"
     assert config["Labels"][LABEL_DIGEST] == runner_image_digest()
-    # wheels must not be left in any layer: the image stays well under the venv + wheels
-    assert attrs["Size"] < 600 * 1024 * 1024
+    # wheels must not be left in any layer: the image (base ~125 MB, venv with CPU torch
+    # ~1,040 MB) stays under the venv + its wheels (the torch wheel alone is 192 MB)
+    assert attrs["Size"] < 1250 * 1024 * 1024
 
 
 @pytest.mark.docker

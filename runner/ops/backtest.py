@@ -278,7 +278,15 @@ def _summary(result: BacktestResult) -> dict[str, Any]:
     }
 
 
-@operation(KIND, params=BacktestParams, gpu="never", check=check_params, preflight=preflight)
+def artifact_reads(params: BacktestParams) -> dict[str, str]:
+    """The artifact a ``model`` backtest reads: the dispatcher checks it exists first."""
+    model = params.strategy_params.get("model") if params.strategy == "model" else None
+    return {"strategy_params.model": model} if isinstance(model, str) else {}
+
+
+@operation(
+    KIND, params=BacktestParams, gpu="never", check=check_params, preflight=preflight, reads=artifact_reads
+)
 def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
     """Backtest one strategy on one symbol's bars with the vectorized engine."""
     from runner.backtest.engine import EngineConfig, simulate
@@ -288,6 +296,10 @@ def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
     ctx.progress(0, f"loading {params.symbol} {params.timeframe}", step="load")
     strategy, parsed = resolve_strategy(params)
     label = strategy.label(parsed)
+    declared = parsed
+    if strategy.bind is not None:
+        ctx.progress(5, "fetching what the strategy needs", step="load")
+        parsed = strategy.bind(parsed, ctx.load_artifact)
     warmup = strategy.warmup(parsed)
     bars, source = _load(params, ctx, warmup, label)
     n = len(bars)
@@ -311,6 +323,10 @@ def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
     ctx.progress(60, f"simulated {len(result.trades)} trades", step="simulate", trades=len(result.trades))
     ctx.checkpoint()
 
+    period = {"first_bar": _iso(bars.timestamps[0]), "last_bar": _iso(bars.timestamps[-1])}
+    warnings = strategy.caveats(parsed, period["first_bar"], period["last_bar"]) if strategy.caveats else []
+    for warning in warnings:
+        ctx.log(warning, level="warning")
     periods = params.periods_per_year or periods_per_year(bars.timestamps)
     metrics = compute_metrics(result, periods=periods)
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
@@ -340,11 +356,12 @@ def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
             "synthetic_data": source.startswith("synthetic"),
             "symbol": params.symbol,
             "timeframe": params.timeframe,
-            "period": {"first_bar": _iso(bars.timestamps[0]), "last_bar": _iso(bars.timestamps[-1])},
+            "period": period,
+            "warnings": warnings,
             "periods_per_year": periods,
             "strategy": {
                 "name": strategy.name,
-                "params": msgspec.to_builtins(parsed),
+                "params": msgspec.to_builtins(declared),
                 "warmup": warmup,
                 "label": label,
             },

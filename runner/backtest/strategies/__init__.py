@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 PositionsFn = Callable[["Bars", Any, bool], "np.ndarray"]
 WarmupFn = Callable[[Any], int]
+# (params, load an artifact by store name) -> params bound to what they name
+BindFn = Callable[[Any, Callable[[str], bytes]], Any]
+# (bound params, first bar, last bar as ISO 8601) -> warnings for the result
+CaveatsFn = Callable[[Any, str, str], list[str]]
 
 
 class UnknownStrategy(KtrdrRunnerError, LookupError):
@@ -53,6 +57,11 @@ class Strategy:
     warmup: WarmupFn
     positions: PositionsFn
     description: str = ""
+    #: For strategies whose params name artifacts (a trained model): loads them, in the
+    #: container, before ``warmup`` and ``positions`` see the params.
+    bind: BindFn | None = None
+    #: Warnings about a run (a model backtested on its own training data).
+    caveats: CaveatsFn | None = None
 
     def parse_params(self, params: Mapping[str, Any], *, strict: bool = False) -> Any:
         """Validate ``params`` into this strategy's params Struct (defaults fill gaps).
