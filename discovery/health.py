@@ -294,7 +294,9 @@ async def publish_snapshot(kv: Any, snapshots: Sequence[HostSnapshot], *, prune:
     """Write one key per host into the ``ktrdr_hosts`` bucket; delete the keys of gone
     hosts. With ``prune``, also delete every key not among ``snapshots`` (use only when
     this process is the one publisher)."""
-    from nats.js.errors import KeyNotFoundError, NoKeysError
+    from nats.js.errors import KeyNotFoundError
+
+    from dispatcher.kvwatch import current_entries
 
     keep: set[str] = set()
     for snap in snapshots:
@@ -306,32 +308,19 @@ async def publish_snapshot(kv: Any, snapshots: Sequence[HostSnapshot], *, prune:
         keep.add(key)
         await kv.put(key, msgspec.json.encode(snap))
     if prune:
-        try:
-            existing = await kv.keys()
-        except NoKeysError:
-            existing = []
-        for key in existing:
-            if key not in keep:
-                await kv.delete(key)
+        for entry in await current_entries(kv):
+            if entry.key not in keep:
+                await kv.delete(entry.key)
 
 
 async def read_snapshot(kv: Any) -> list[HostSnapshot]:
     """Every host snapshot in the bucket, by name."""
-    from nats.js.errors import KeyNotFoundError, NoKeysError
+    from dispatcher.kvwatch import current_entries
 
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
     out = []
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            continue
-        if entry.value:
-            with contextlib.suppress(msgspec.DecodeError):
-                out.append(msgspec.json.decode(entry.value, type=HostSnapshot))
+    for entry in await current_entries(kv):
+        with contextlib.suppress(msgspec.DecodeError):
+            out.append(msgspec.json.decode(entry.value, type=HostSnapshot))
     return sorted(out, key=lambda s: s.name)
 
 

@@ -28,6 +28,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from dispatcher.errors import OpNotFound, OwnershipLost
+from dispatcher.kvwatch import watch_entries
 from runner.protocol import (
     TERMINAL_STATES,
     OpRecord,
@@ -84,10 +85,6 @@ class Owner:
     def holds(self, record: OpRecord) -> bool:
         """Whether ``record`` still names this owner."""
         return record.dispatcher == self.dispatcher and record.attempts == self.attempt
-
-
-#: How long a watch waits for more current values after nats-py says there are none.
-SETTLE_S = 0.5
 
 
 class OpStore:
@@ -232,47 +229,23 @@ class OpStore:
 
     async def watch(self) -> AsyncGenerator[list[OpRecord], None]:
         """Batches of records: every current record first (one batch, maybe empty), then
-        each record as it is written. Deleted and expired records are skipped.
-
-        nats-py's own "current values done" marker can come before values the server has
-        already pushed (it compares the consumer's pending count with what the client has
-        processed so far), so the first batch ends by the server's word instead: the
-        message delivered with nothing pending after it. The marker only says to stop
-        waiting once nothing more arrives for ``SETTLE_S`` (an empty or expired bucket).
-        """
-        watcher = await self.kv.watchall()  # deletes too: the last current value may be one
-        updates = aiter(watcher)
-        batch: list[OpRecord] = []
-        initial, marker_seen = True, False
+        each record as it is written. Deleted, expired and unreadable records are skipped
+        (see :mod:`dispatcher.kvwatch` for how the first batch ends)."""
+        batches = watch_entries(self.kv)
+        first = True
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(SETTLE_S if initial and marker_seen else None):
-                        entry = await anext(updates)
-                except TimeoutError:  # the marker was right: nothing more is current
-                    initial = False
-                    yield batch
-                    continue
-                if entry is None:
-                    marker_seen = True
-                    continue
-                record = None
-                if entry.value and entry.operation is None:
+            async for entries in batches:
+                records: list[OpRecord] = []
+                for entry in entries:
                     try:
-                        record = record_decoder.decode(entry.value)
+                        records.append(record_decoder.decode(entry.value))
                     except msgspec.DecodeError as exc:
                         log.warning("op record %s is unreadable (%s); skipped", entry.key, exc)
-                if not initial:
-                    if record is not None:
-                        yield [record]
-                    continue
-                if record is not None:
-                    batch.append(record)
-                if entry.delta == 0:  # the last current value
-                    initial = False
-                    yield batch
+                if records or first:
+                    yield records
+                first = False
         finally:
-            await watcher.stop()
+            await batches.aclose()
 
     async def list(self) -> list[OpRecord]:
         """Every op record in the bucket (one pass over the bucket's current values)."""

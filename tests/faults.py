@@ -30,6 +30,7 @@ import nats
 from nats.js import api
 
 from dispatcher.config import Config
+from dispatcher.kvwatch import current_entries
 from runner.protocol import LABEL_OP_ID, TERMINAL_STATES
 from tests.conftest import KTRDR_RUN, SESSION_TAG, creations, write_config
 
@@ -207,10 +208,8 @@ async def reserved_ops(url: str) -> set[str]:
     try:
         kv = await nc.jetstream().key_value("ktrdr_reservations")
         with contextlib.suppress(Exception):
-            for key in await kv.keys():
-                entry = await kv.get(key)
-                if entry.value:
-                    held |= set(json.loads(entry.value))
+            for entry in await current_entries(kv):
+                held |= set(json.loads(entry.value))
     finally:
         await nc.close()
     return held

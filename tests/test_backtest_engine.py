@@ -279,7 +279,9 @@ def _rel_close(a: float, b: float) -> bool:
 
 
 def test_every_strategy_is_covered() -> None:
-    assert {name for name, _ in CASES} == set(strategy_names())
+    # `model` trades a trained bundle's predictions: tests/test_train_container.py checks its
+    # positions against predictions recomputed by hand
+    assert {name for name, _ in CASES} == set(strategy_names()) - {"model"}
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))

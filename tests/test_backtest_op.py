@@ -220,8 +220,8 @@ def test_cancel_is_honoured_at_the_next_checkpoint(data_dir: Path, tmp_path: Pat
     ctx, sink = local_context("backtest", data_dir=data_dir, scratch_dir=tmp_path)
     record = sink.progress
 
-    def progress(snapshot: ProgressSnapshot) -> None:
-        record(snapshot)
+    def progress(snapshot: ProgressSnapshot, milestone: bool = False) -> None:
+        record(snapshot, milestone)
         if snapshot.step == trip_at:
             ctx.cancel_token.cancel("stop")
 
