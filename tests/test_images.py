@@ -301,3 +301,38 @@ def test_missing_base_with_offline_never_is_a_clear_error(
     )
     with pytest.raises(ImageBuildError, match=r"cannot be pulled.*offline_base"):
         ensure_runner_image(client, config=config, progress=lambda line: None)
+
+
+@pytest.mark.docker
+async def test_gpu_ops_get_the_cuda_image_where_the_engine_has_it(
+    client: docker.DockerClient, runner_image: str
+) -> None:
+    """An op given GPUs runs the cuda flavor when the host's engine has it, else the CPU
+    image; an op without GPUs always gets the CPU image. (The cuda image is stood in for by
+    the CPU image tagged with the cuda flavor's tag: its build needs PyPI's CUDA wheels.)"""
+    from discovery.docker_engines import engine_host
+    from dispatcher.engine import DockerEngine
+    from dispatcher.fleet import Fleet
+    from dispatcher.runner_images import RunnerImages
+
+    engine = DockerEngine(client, name="local")
+    fleet = Fleet.single(engine, engine_host(client))
+    images_ = RunnerImages(fleet, lambda: runner_image)
+    assert images_.cuda_tag == runner_image_tag("cuda")
+    assert images_.cuda_tag != runner_image
+    assert await images_.on(engine, True) == runner_image  # no cuda image here: the CPU one
+    client.images.get(runner_image).tag(images_.cuda_tag)
+    try:
+        assert await images_.on(engine, True) == images_.cuda_tag
+        assert await images_.on(engine, False) == runner_image
+    finally:
+        client.images.remove(images_.cuda_tag)
+
+
+def test_flavors_differ_only_in_torch() -> None:
+    cpu, cuda, slim = (images.FLAVORS[f] for f in ("cpu", "cuda", "slim"))
+    assert cpu.dockerfile == cuda.dockerfile == slim.dockerfile
+    assert "torch==2.13.0+cpu" in cpu.requirements and "torch==2.13.0" in cuda.requirements
+    assert not any(r.startswith("torch") for r in slim.requirements)
+    assert cuda.public_index_only and not cpu.public_index_only
+    assert len({runner_image_tag(f) for f in ("cpu", "cuda", "slim")}) == 3
