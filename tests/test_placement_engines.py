@@ -115,7 +115,9 @@ async def test_ops_spread_over_two_engines_and_move_when_one_stops(
     assert [r["state"] for r in records] == ["completed"] * 4, [r.get("error") for r in records]
     for record in records:
         if placed[record["op_id"]] == "engine2":
-            assert record["host"] == local and record["attempts"] == 2
+            # moved to the engine that stays; a dockerd shutting down still answers pings for
+            # a while, so an attempt may go back to it and fail to start before it is gone
+            assert record["host"] == local and record["attempts"] >= 2
             states = [
                 e["state"]
                 for e in await read_op_events(cfg.nats.url, record["op_id"], 5)
