@@ -14,14 +14,13 @@ says so in ``data_source``.
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-from runner.backtest import SYMBOL_PATTERN, TIMEFRAME_PATTERN
+from runner.backtest import SYMBOL_PATTERN, TIMEFRAME_PATTERN, check_date_range
 from runner.errors import DataError, InvalidParams
 from runner.registry import operation
 
@@ -65,14 +64,6 @@ class BacktestParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     periods_per_year: Annotated[float, Meta(gt=0, le=1e7)] | None = None
 
 
-def _parse_iso(value: str, field: str) -> datetime:
-    try:
-        stamp = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise InvalidParams(KIND, field, f"{value!r} is not an ISO 8601 date (e.g. 2024-01-31)") from None
-    return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
-
-
 def resolve_strategy(params: BacktestParams) -> tuple[Strategy, Any]:
     """The strategy and its validated params struct; InvalidParams names the bad field."""
     from runner.backtest.strategies import UnknownStrategy, get_strategy
@@ -93,12 +84,7 @@ def resolve_strategy(params: BacktestParams) -> tuple[Strategy, Any]:
 def check_params(params: BacktestParams) -> None:
     """Cross-field checks: known strategy, its params, the dates, the sizing fraction."""
     resolve_strategy(params)
-    start = _parse_iso(params.start, "start") if params.start else None
-    end = _parse_iso(params.end, "end") if params.end else None
-    if start is not None and end is not None and params.end is not None:
-        date_only = len(params.end.strip()) == 10  # a date-only end includes its whole day
-        if (end + timedelta(days=1) <= start) if date_only else (end < start):
-            raise InvalidParams(KIND, "end", f"end {params.end!r} is before start {params.start!r}")
+    check_date_range(KIND, params.start, params.end)
     if params.sizing == "all_in" and params.fraction != 1.0:
         raise InvalidParams(
             KIND,

@@ -100,31 +100,9 @@ def bundle_dict(
     )
 
 
-def save_bundle(
-    *,
-    state_dict: dict[str, torch.Tensor],
-    model_config: ModelConfig,
-    feature_spec: FeatureSpec,
-    scaler: Standardizer,
-    label_spec: LabelSpec,
-    metrics: dict[str, Any],
-    data: dict[str, Any],
-    training: dict[str, Any],
-    partial: bool = False,
-) -> bytes:
-    """The bytes of one ``torch.save`` of :func:`bundle_dict`; identical content gives
+def save_bundle(bundle: dict[str, Any]) -> bytes:
+    """The bytes of one ``torch.save`` of a :func:`bundle_dict`; identical content gives
     identical bytes (and so one stored artifact)."""
-    bundle = bundle_dict(
-        state_dict=state_dict,
-        model_config=model_config,
-        feature_spec=feature_spec,
-        scaler=scaler,
-        label_spec=label_spec,
-        metrics=metrics,
-        data=data,
-        training=training,
-        partial=partial,
-    )
     buffer = io.BytesIO()
     torch.save(bundle, buffer)
     return buffer.getvalue()

@@ -3,13 +3,12 @@ dispatcher validates jobs with them before any container starts)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
-from runner.backtest import SYMBOL_PATTERN, TIMEFRAME_PATTERN
+from runner.backtest import SYMBOL_PATTERN, TIMEFRAME_PATTERN, check_date_range
 from runner.errors import DataError, InvalidParams
 from runner.train import MODEL_TYPES, RECURRENT_MODEL_TYPES
 from runner.train import features as feature_set
@@ -89,22 +88,9 @@ def trainer_config(params: TrainParams) -> TrainerConfig:
     )
 
 
-def _parse_iso(value: str, field: str) -> datetime:
-    try:
-        stamp = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise InvalidParams(KIND, field, f"{value!r} is not an ISO 8601 date (e.g. 2024-01-31)") from None
-    return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
-
-
 def check_params(params: TrainParams) -> None:
     """Cross-field checks: dates, model, sequence length, labels, split, feature windows."""
-    start = _parse_iso(params.start, "start") if params.start else None
-    end = _parse_iso(params.end, "end") if params.end else None
-    if start is not None and end is not None and params.end is not None:
-        date_only = len(params.end.strip()) == 10  # a date-only end includes its whole day
-        if (end + timedelta(days=1) <= start) if date_only else (end < start):
-            raise InvalidParams(KIND, "end", f"end {params.end!r} is before start {params.start!r}")
+    check_date_range(KIND, params.start, params.end)
     if params.model not in MODEL_TYPES:
         raise InvalidParams(KIND, "model", f"unknown model {params.model!r}; known: {', '.join(MODEL_TYPES)}")
     if params.model in RECURRENT_MODEL_TYPES:

@@ -249,15 +249,17 @@ def run_training(
 
     def bundle_bytes(state_dict: dict[str, torch.Tensor], metrics: dict[str, Any], partial: bool) -> bytes:
         return bundles.save_bundle(
-            state_dict=state_dict,
-            model_config=model_config,
-            feature_spec=params.features,
-            scaler=scaler,
-            label_spec=params.labels,
-            metrics=metrics,
-            data=data_info,
-            training=training_info,
-            partial=partial,
+            bundles.bundle_dict(
+                state_dict=state_dict,
+                model_config=model_config,
+                feature_spec=params.features,
+                scaler=scaler,
+                label_spec=params.labels,
+                metrics=metrics,
+                data=data_info,
+                training=training_info,
+                partial=partial,
+            )
         )
 
     reporter = _Reporter(ctx, bundle_bytes)
