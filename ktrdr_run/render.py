@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 from rich.text import Text
 
+from ktrdr_run.headline import metric_text
 from runner.protocol import OpRecord, ProgressEvent, StatusEvent
 
 STATE_STYLES = {
@@ -241,19 +242,6 @@ def _print_record_plain(record: OpRecord, out: TextIO) -> None:
             print(f"    {line}", file=out)
 
 
-def headline_metric(record: OpRecord) -> str:
-    """The one number that says how an op did: Sharpe for backtests, val_loss for
-    training, else the latest progress metric."""
-    metrics: dict[str, Any] = dict(record.progress.metrics) if record.progress else {}
-    result_metrics = (record.result or {}).get("metrics")
-    if isinstance(result_metrics, dict):
-        metrics.update({k: v for k, v in result_metrics.items() if isinstance(v, (int, float))})
-    for name, label in (("sharpe_ratio", "sharpe"), ("val_loss", "val_loss")):
-        if isinstance(metrics.get(name), (int, float)):
-            return f"{label} {metrics[name]:.3g}"
-    return ""
-
-
 def print_ops(records: list[OpRecord], out: TextIO | None = None) -> None:
     """The ops table: rich on a terminal, fixed-width columns elsewhere."""
     out = out or sys.stdout
@@ -288,7 +276,7 @@ def print_ops(records: list[OpRecord], out: TextIO | None = None) -> None:
             r.host,
             pct,
             format_duration(duration_s(r)),
-            headline_metric(r),
+            metric_text(r),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(submitted_at(r))),
         )
     console.print(table)

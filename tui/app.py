@@ -26,6 +26,7 @@ from textual.timer import Timer
 
 from discovery.config import redact_url
 from dispatcher.config import Config
+from dispatcher.errors import NatsUnavailable
 from runner.protocol import OpRecord
 from tui.confirm import ConfirmCancel
 from tui.detail import OpDetailScreen
@@ -297,7 +298,14 @@ def _logs_to_textual() -> Iterator[None]:
 
 async def run_dashboard(config: Config, *, read_only: bool) -> int:
     """Run the dashboard until the user quits; returns the exit code."""
-    async with dashboard(config, read_only=read_only) as app:
-        with _logs_to_textual():
-            await app.run_async()
+    try:
+        async with dashboard(config, read_only=read_only) as app:
+            with _logs_to_textual():
+                await app.run_async()
+    except NatsUnavailable as exc:
+        # the dashboard only reads: it never starts a server of its own
+        raise NatsUnavailable(
+            f"{exc}; the dashboard watches a running ktrdr-run: start `ktrdr-run dispatcher` (or point "
+            "[nats] url at the server it uses)"
+        ) from None
     return app.return_code or 0

@@ -30,7 +30,6 @@ STATE_STYLES: dict[str, str] = {
 #: Lifecycle order of the states (what sorting by state follows).
 STATE_ORDER: dict[str, int] = {state: index for index, state in enumerate(STATE_STYLES)}
 #: Kinds whose headline metric is the validation loss.
-TRAINING_KINDS = frozenset({"train", "training", "train_model"})
 GIB = 1024**3
 
 
@@ -89,45 +88,6 @@ def progress_text(percent: float, width: int = 10) -> Text:
     text.append(bar, style="dodger_blue1")
     text.append(f" {percent:3.0f}%")
     return text
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _lookup(record: OpRecord, name: str) -> float | None:
-    """``name`` from the result's metrics, the result itself, then the last progress."""
-    result = record.result or {}
-    metrics = result.get("metrics")
-    for source in (metrics if isinstance(metrics, dict) else {}, result):
-        value = _number(source.get(name))
-        if value is not None:
-            return value
-    if record.progress is not None:
-        return _number(record.progress.metrics.get(name))
-    return None
-
-
-def headline_metric(record: OpRecord) -> tuple[str, float] | None:
-    """The one metric the table shows: Sharpe for backtests, validation loss for training
-    kinds (and for any op that reports one); None when there is none yet."""
-    order = ("val_loss", "sharpe_ratio") if record.kind in TRAINING_KINDS else ("sharpe_ratio", "val_loss")
-    for name in order:
-        value = _lookup(record, name)
-        if value is not None:
-            return name, value
-    return None
-
-
-def metric_text(record: OpRecord) -> str:
-    """The headline metric as shown: ``sharpe 1.27`` / ``val_loss 0.0412``."""
-    found = headline_metric(record)
-    if found is None:
-        return ""
-    name, value = found
-    return f"sharpe {value:.2f}" if name == "sharpe_ratio" else f"val_loss {value:.4g}"
 
 
 def number(value: float) -> str:

@@ -21,13 +21,12 @@ from textual.timer import Timer
 from textual.widgets import DataTable
 from textual.widgets.data_table import ColumnKey
 
+from ktrdr_run.headline import headline_metric, metric_text
 from runner.protocol import TERMINAL_STATES, OpRecord
 from tui.format import (
     STATE_ORDER,
     duration,
     elapsed_s,
-    headline_metric,
-    metric_text,
     percent_of,
     progress_text,
     state_text,
