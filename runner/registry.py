@@ -32,7 +32,12 @@ Preflight = Callable[[Any, Path | None], None]
 ArtifactReads = Callable[[Any], dict[str, str]]
 
 # Modules that declare the built-in operations, imported on first registry use.
-BUILTIN_MODULES: tuple[str, ...] = ("runner.ops.probe", "runner.ops.backtest", "runner.ops.train")
+BUILTIN_MODULES: tuple[str, ...] = (
+    "runner.ops.probe",
+    "runner.ops.backtest",
+    "runner.ops.train",
+    "runner.ops.sweep_chunk",
+)
 
 
 @dataclass(frozen=True, slots=True)

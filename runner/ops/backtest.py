@@ -93,7 +93,7 @@ def check_params(params: BacktestParams) -> None:
         )
 
 
-def _find_file(params: BacktestParams, data_dir: Path | None) -> Path | None:
+def find_data_file_for(params: BacktestParams, data_dir: Path | None) -> Path | None:
     """The data file to use; None when the DEMO data set must be generated."""
     from runner.backtest.data import find_data_file
 
@@ -112,7 +112,8 @@ def _find_file(params: BacktestParams, data_dir: Path | None) -> Path | None:
     )
 
 
-def _demo_frame(timeframe: str) -> Any:
+def demo_frame(timeframe: str) -> Any:
+    """The generated DEMO bars of ``timeframe``; DataError for an unsupported one."""
     from runner.backtest.demo import generate_demo_bars
 
     try:
@@ -136,23 +137,25 @@ def preflight(params: BacktestParams, data_dir: Path | None) -> None:
     strategy, parsed = resolve_strategy(params)
     warmup = strategy.warmup(parsed)
     label = strategy.label(parsed)
-    path = _find_file(params, data_dir)
+    path = find_data_file_for(params, data_dir)
     if path is None:
-        frame = _demo_frame(params.timeframe)
+        frame = demo_frame(params.timeframe)
         name = f"{demo_file_name(params.timeframe)} (generated)"
         bars_from_frame(frame, name, start=params.start, end=params.end, warmup=warmup, strategy=label)
         return
     load_bars_file(path, start=params.start, end=params.end, warmup=warmup, strategy=label)
 
 
-def _load(params: BacktestParams, ctx: OpContext, warmup: int, label: str) -> tuple[Bars, str]:
+def load_bars_for(params: BacktestParams, ctx: OpContext, warmup: int, label: str) -> tuple[Bars, str]:
+    """The bars ``params`` ask for (the mounted file, or generated DEMO bars), validated
+    for ``warmup``, and where they came from (for the result)."""
     from runner.backtest.data import load_bars_file
     from runner.backtest.demo import DEMO_DATA_SOURCE, write_demo_data
 
-    path = _find_file(params, ctx.data_dir)
+    path = find_data_file_for(params, ctx.data_dir)
     source = f"data file {path.name}" if path is not None else DEMO_DATA_SOURCE
     if path is None:
-        _demo_frame(params.timeframe)  # a clear DataError for an unsupported timeframe
+        demo_frame(params.timeframe)  # a clear DataError for an unsupported timeframe
         path = write_demo_data(Path(ctx.scratch_dir) / "demo-data", params.timeframe)
         ctx.log(
             f"{DEMO_SYMBOL}: no {path.name} data file is mounted; using {DEMO_DATA_SOURCE}",
@@ -162,7 +165,8 @@ def _load(params: BacktestParams, ctx: OpContext, warmup: int, label: str) -> tu
     return bars, source
 
 
-def _iso(stamp: Any) -> str:
+def iso_time(stamp: Any) -> str:
+    """A bar time as ISO 8601 UTC."""
     from runner.backtest.data import format_timestamp
 
     return format_timestamp(stamp)
@@ -232,8 +236,8 @@ def _trade_rows(result: BacktestResult, picks: range) -> list[dict[str, Any]]:
         rows.append(
             clean(
                 {
-                    "entry_time": _iso(stamps[t.entry_bar[i]]),
-                    "exit_time": _iso(stamps[t.exit_bar[i]]),
+                    "entry_time": iso_time(stamps[t.entry_bar[i]]),
+                    "exit_time": iso_time(stamps[t.exit_bar[i]]),
                     "side": "long" if t.direction[i] > 0 else "short",
                     "units": t.units[i],
                     "entry_price": t.entry_price[i],
@@ -287,7 +291,7 @@ def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
         ctx.progress(5, "fetching what the strategy needs", step="load")
         parsed = strategy.bind(parsed, ctx.load_artifact)
     warmup = strategy.warmup(parsed)
-    bars, source = _load(params, ctx, warmup, label)
+    bars, source = load_bars_for(params, ctx, warmup, label)
     n = len(bars)
     ctx.progress(20, f"loaded {n} bars ({source})", step="load", bars=n)
     ctx.checkpoint()
@@ -309,7 +313,7 @@ def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
     ctx.progress(60, f"simulated {len(result.trades)} trades", step="simulate", trades=len(result.trades))
     ctx.checkpoint()
 
-    period = {"first_bar": _iso(bars.timestamps[0]), "last_bar": _iso(bars.timestamps[-1])}
+    period = {"first_bar": iso_time(bars.timestamps[0]), "last_bar": iso_time(bars.timestamps[-1])}
     warnings = strategy.caveats(parsed, period["first_bar"], period["last_bar"]) if strategy.caveats else []
     for warning in warnings:
         ctx.log(warning, level="warning")
