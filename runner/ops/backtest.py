@@ -130,13 +130,16 @@ def preflight(params: BacktestParams, data_dir: Path | None) -> None:
     data, the prices in range are finite and positive, and there are enough bars for the
     strategy's warm-up. ``data_dir`` is the host data directory (None: none mounted).
     """
+    check_params(params)
+    strategy, parsed = resolve_strategy(params)
+    check_bars_for(params, data_dir, strategy.warmup(parsed), strategy.label(parsed))
+
+
+def check_bars_for(params: BacktestParams, data_dir: Path | None, warmup: int, label: str) -> None:
+    """The bars ``params`` ask for exist, read, and cover ``warmup``; DataError otherwise."""
     from runner.backtest.data import bars_from_frame, load_bars_file
     from runner.backtest.demo import demo_file_name
 
-    check_params(params)
-    strategy, parsed = resolve_strategy(params)
-    warmup = strategy.warmup(parsed)
-    label = strategy.label(parsed)
     path = find_data_file_for(params, data_dir)
     if path is None:
         frame = demo_frame(params.timeframe)
@@ -163,6 +166,19 @@ def load_bars_for(params: BacktestParams, ctx: OpContext, warmup: int, label: st
         )
     bars = load_bars_file(path, start=params.start, end=params.end, warmup=warmup, strategy=label)
     return bars, source
+
+
+def settings_of(params: BacktestParams) -> dict[str, Any]:
+    """The engine settings of a run, as its result records them."""
+    return {
+        "initial_capital": params.initial_capital,
+        "commission": params.commission,
+        "slippage": params.slippage,
+        "sizing": params.sizing,
+        "fraction": params.fraction,
+        "long_only": params.long_only,
+        "close_at_end": params.close_at_end,
+    }
 
 
 def iso_time(stamp: Any) -> str:
@@ -355,15 +371,7 @@ def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
                 "warmup": warmup,
                 "label": label,
             },
-            "settings": {
-                "initial_capital": params.initial_capital,
-                "commission": params.commission,
-                "slippage": params.slippage,
-                "sizing": params.sizing,
-                "fraction": params.fraction,
-                "long_only": params.long_only,
-                "close_at_end": params.close_at_end,
-            },
+            "settings": settings_of(params),
             "artifacts": artifacts,
         }
     )

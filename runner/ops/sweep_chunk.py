@@ -106,9 +106,7 @@ def preflight(params: SweepChunkParams, data_dir: Path | None) -> None:
     The same checks as the ``backtest`` preflight, with the warm-up of the combination
     that needs the fewest bars: a chunk fails up front only when no combination can run.
     """
-    from runner.backtest.data import bars_from_frame, load_bars_file
-    from runner.backtest.demo import demo_file_name
-    from runner.ops.backtest import demo_frame, find_data_file_for
+    from runner.ops.backtest import check_bars_for
 
     check_params(params)
     strategy = resolve_strategy(params)
@@ -122,13 +120,7 @@ def preflight(params: SweepChunkParams, data_dir: Path | None) -> None:
             warmups.append(strategy.warmup(parsed))
     warmup = min(warmups, default=0)
     label = f"every combination of {strategy.name}"
-    path = find_data_file_for(params, data_dir)
-    if path is None:
-        frame = demo_frame(params.timeframe)
-        name = f"{demo_file_name(params.timeframe)} (generated)"
-        bars_from_frame(frame, name, start=params.start, end=params.end, warmup=warmup, strategy=label)
-        return
-    load_bars_file(path, start=params.start, end=params.end, warmup=warmup, strategy=label)
+    check_bars_for(params, data_dir, warmup, label)
 
 
 def artifact_reads(params: SweepChunkParams) -> dict[str, str]:

@@ -23,7 +23,7 @@ from runner.backtest.engine import EngineConfig, simulate
 from runner.backtest.metrics import compute_metrics, periods_per_year
 from runner.backtest.strategies import Strategy, get_strategy
 from runner.errors import Cancelled, KtrdrRunnerError, describe_validation_error
-from runner.ops.backtest import iso_time, load_bars_for
+from runner.ops.backtest import iso_time, load_bars_for, settings_of
 from runner.sweep.objective import Objective, parse_maximize
 
 if TYPE_CHECKING:
@@ -206,13 +206,5 @@ def run_chunk(ctx: OpContext, params: SweepChunkParams) -> dict[str, Any]:
         "periods_per_year": runner.periods,
         "warnings": runner.warnings,
         "strategy": {"name": strategy.name, "shared_params": runner.base},
-        "settings": {
-            "initial_capital": params.initial_capital,
-            "commission": params.commission,
-            "slippage": params.slippage,
-            "sizing": params.sizing,
-            "fraction": params.fraction,
-            "long_only": params.long_only,
-            "close_at_end": params.close_at_end,
-        },
+        "settings": settings_of(params),
     }
