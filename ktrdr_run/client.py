@@ -266,12 +266,13 @@ class Client:
 
     @classmethod
     def over(cls, session: Session) -> Client:
-        """A client over a session built with options of the CLI's own (not yet open)."""
+        """A client over a session built with options of its own (the CLI's); an open
+        session is used as it is (and closing the client closes it)."""
         client = cls.__new__(cls)
         client.config = session.config
         client.local = session.allow_embedded
         client._session = session
-        client._open = False
+        client._open = session.nc is not None
         return client
 
     @property

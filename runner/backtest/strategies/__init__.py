@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,7 @@ class Strategy:
 
 _REGISTRY: dict[str, Strategy] = {}
 _loaded = False
+_load_lock = threading.RLock()
 
 
 def register(strategy: Strategy) -> Strategy:
@@ -91,13 +93,18 @@ def register(strategy: Strategy) -> Strategy:
 
 
 def _load() -> None:
+    # Admission validates jobs on worker threads: the first two at once must not see a
+    # half-filled registry (one thread importing, the other told it is done).
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    with _load_lock:
+        if _loaded:
+            return
+        for info in pkgutil.iter_modules(__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+        _loaded = True
 
 
 def get_strategy(name: str) -> Strategy:
