@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import tempfile
 import time
@@ -136,13 +137,16 @@ async def ours(client: Client, data_dir: Path, chunks: int) -> tuple[float, dict
 
 async def main(chunks: int, runs: int) -> None:
     data_dir = goog_data_dir()
-    async with bench_stack() as stack:
-        client = Client.over(stack.session)
-        await ours(client, data_dir, chunks)  # warm-up: image, page cache
-        timings, best, count = [], {}, 0
-        for _ in range(runs):
-            elapsed, best, count = await ours(client, data_dir, chunks)
-            timings.append(elapsed)
+    try:
+        async with bench_stack() as stack:
+            client = Client.over(stack.session)
+            await ours(client, data_dir, chunks)  # warm-up: image, page cache
+            timings, best, count = [], {}, 0
+            for _ in range(runs):
+                elapsed, best, count = await ours(client, data_dir, chunks)
+                timings.append(elapsed)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
     peer = [backtesting_py() for _ in range(runs)]
     peer_s = statistics.median(t for t, _ in peer)
     vbt_s = vectorbt_time()
