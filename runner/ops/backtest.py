@@ -26,7 +26,7 @@ from runner.registry import operation
 
 if TYPE_CHECKING:
     from runner.backtest.data import Bars
-    from runner.backtest.engine import BacktestResult
+    from runner.backtest.engine import BacktestResult, EngineConfig
     from runner.backtest.strategies import Strategy
     from runner.sdk import OpContext
 
@@ -84,10 +84,16 @@ def resolve_strategy(params: BacktestParams) -> tuple[Strategy, Any]:
 def check_params(params: BacktestParams) -> None:
     """Cross-field checks: known strategy, its params, the dates, the sizing fraction."""
     resolve_strategy(params)
-    check_date_range(KIND, params.start, params.end)
+    check_settings(KIND, params)
+
+
+def check_settings(kind: str, params: BacktestParams) -> None:
+    """The dates are in order and the sizing fraction is only given with fraction sizing
+    (for every op kind with the backtest settings); InvalidParams names the field."""
+    check_date_range(kind, params.start, params.end)
     if params.sizing == "all_in" and params.fraction != 1.0:
         raise InvalidParams(
-            KIND,
+            kind,
             "fraction",
             "only used with sizing='fraction'; set sizing to 'fraction' or leave fraction at 1.0",
         )
@@ -166,6 +172,20 @@ def load_bars_for(params: BacktestParams, ctx: OpContext, warmup: int, label: st
         )
     bars = load_bars_file(path, start=params.start, end=params.end, warmup=warmup, strategy=label)
     return bars, source
+
+
+def engine_config(params: BacktestParams) -> EngineConfig:
+    """The engine's settings from the params."""
+    from runner.backtest.engine import EngineConfig
+
+    return EngineConfig(
+        initial_capital=params.initial_capital,
+        commission=params.commission,
+        slippage=params.slippage,
+        sizing=params.sizing,
+        fraction=params.fraction,
+        close_at_end=params.close_at_end,
+    )
 
 
 def settings_of(params: BacktestParams) -> dict[str, Any]:
@@ -295,7 +315,7 @@ def artifact_reads(params: BacktestParams) -> dict[str, str]:
 )
 def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
     """Backtest one strategy on one symbol's bars with the vectorized engine."""
-    from runner.backtest.engine import EngineConfig, simulate
+    from runner.backtest.engine import simulate
     from runner.backtest.metrics import clean, compute_metrics, periods_per_year
 
     ctx.checkpoint()
@@ -317,15 +337,7 @@ def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
     ctx.progress(40, f"{label}: {changes} signal changes", step="signals", signal_changes=changes)
     ctx.checkpoint()
 
-    config = EngineConfig(
-        initial_capital=params.initial_capital,
-        commission=params.commission,
-        slippage=params.slippage,
-        sizing=params.sizing,
-        fraction=params.fraction,
-        close_at_end=params.close_at_end,
-    )
-    result = simulate(bars, target, config)
+    result = simulate(bars, target, engine_config(params))
     ctx.progress(60, f"simulated {len(result.trades)} trades", step="simulate", trades=len(result.trades))
     ctx.checkpoint()
 

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from runner.backtest import check_date_range
 from runner.errors import InvalidParams
-from runner.ops.backtest import BacktestParams
+from runner.ops.backtest import BacktestParams, check_settings
 from runner.registry import operation
 from runner.sweep.objective import DEFAULT_MAXIMIZE, ObjectiveError, parse_maximize
 
@@ -71,13 +70,7 @@ def check_params(params: SweepChunkParams) -> None:
     from runner.sweep.plan import strategy_fields
 
     strategy = resolve_strategy(params)
-    check_date_range(KIND, params.start, params.end)
-    if params.sizing == "all_in" and params.fraction != 1.0:
-        raise InvalidParams(
-            KIND,
-            "fraction",
-            "only used with sizing='fraction'; set sizing to 'fraction' or leave fraction at 1.0",
-        )
+    check_settings(KIND, params)
     try:
         parse_maximize(params.maximize)
     except ObjectiveError as exc:

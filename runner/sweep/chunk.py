@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from runner.backtest.data import Bars, check_warmup
-from runner.backtest.engine import EngineConfig, simulate
+from runner.backtest.engine import simulate
 from runner.backtest.metrics import compute_metrics, periods_per_year
 from runner.backtest.strategies import Strategy, get_strategy
 from runner.errors import Cancelled, KtrdrRunnerError, describe_validation_error
-from runner.ops.backtest import iso_time, load_bars_for, settings_of
+from runner.ops.backtest import engine_config, iso_time, load_bars_for, settings_of
 from runner.sweep.objective import Objective, parse_maximize
 
 if TYPE_CHECKING:
@@ -45,14 +45,7 @@ class _Runner:
         self.base = dict(params.strategy_params)
         self.long_only = params.long_only
         self.periods = params.periods_per_year or periods_per_year(bars.timestamps)
-        self.config = EngineConfig(
-            initial_capital=params.initial_capital,
-            commission=params.commission,
-            slippage=params.slippage,
-            sizing=params.sizing,
-            fraction=params.fraction,
-            close_at_end=params.close_at_end,
-        )
+        self.config = engine_config(params)
         self.first_bar = iso_time(bars.timestamps[0])
         self.last_bar = iso_time(bars.timestamps[-1])
         self.warnings: list[str] = []
