@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from dispatcher.config import Config
-from ktrdr_run.client import Client
+from ktrdr_run.client import Client, write_whole
 from ktrdr_run.render import print_ops, print_record
 from ktrdr_run.session import Session
 from runner.protocol import LogEvent, OpRecord
@@ -141,9 +141,7 @@ async def cmd_artifacts_get(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
+    write_whole(path, data)
     if args.json:
         print(json.dumps({"path": str(path), "object": args.name, "bytes": len(data)}))
     else:

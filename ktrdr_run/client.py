@@ -125,6 +125,14 @@ def artifact_extension(content_type: str, data: bytes) -> str:
     return guessed or ".bin"
 
 
+def write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a ``.partial`` file and a rename: a reader never
+    sees a half-written file under the final name."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
 def _verify(name: str, data: bytes) -> None:
     """Check content-addressed bytes against their name (``sha256-<hex>``)."""
     if not name.startswith("sha256-"):
@@ -398,6 +406,10 @@ class Client:
     async def artifact(self, name: str) -> bytes:
         """An artifact's bytes by its store name (``sha256-…``, as in an op record's
         ``artifacts``), verified against that sha256 (:class:`ArtifactCorrupt`)."""
+        return (await self._fetch(name))[0]
+
+    async def _fetch(self, name: str) -> tuple[bytes, str]:
+        """(verified bytes, media type) of a stored artifact, in one read."""
         store = self.session.handles.artifacts  # type: ignore[union-attr]
         try:
             result = await store.get(name)
@@ -405,7 +417,7 @@ class Client:
             raise ArtifactNotFound(name) from None
         data = bytes(result.data or b"")
         _verify(name, data)
-        return data
+        return data, (result.info.description if result.info else "") or ""
 
     async def save_artifacts(self, op_id: str, directory: str | os.PathLike[str]) -> dict[str, Path]:
         """Write each artifact of ``op_id`` into ``directory`` as ``<name><ext>`` (the
@@ -416,11 +428,8 @@ class Client:
         target.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
         for name, object_name in sorted(record.artifacts.items()):
-            data = await self.artifact(object_name)
-            _size, content_type = await self.artifact_info(object_name)
+            data, content_type = await self._fetch(object_name)
             path = target / f"{name}{artifact_extension(content_type, data)}"
-            partial = path.with_name(path.name + ".partial")
-            partial.write_bytes(data)
-            partial.replace(path)  # no half-written file under the final name
+            write_whole(path, data)
             written[name] = path
         return written
