@@ -220,6 +220,19 @@ def run_cli(args: list[str], config_path: Path, timeout_s: float = 180) -> subpr
     )
 
 
+def ktrdr_csv(frame: Any, path: Path) -> None:
+    """Write OHLCV bars (a DatetimeIndex and capitalised columns, as backtesting.py's test
+    data has them) in KTRDR's layout: UTC timestamp index, lower-case columns; readable by
+    the runner's user."""
+    import pandas as pd
+
+    out = frame.rename(columns=str.lower)[["open", "high", "low", "close", "volume"]].copy()
+    out.index = pd.DatetimeIndex(out.index).tz_localize("UTC")
+    out.index.name = "timestamp"
+    out.to_csv(path, date_format="%Y-%m-%dT%H:%M:%SZ")
+    path.chmod(0o644)
+
+
 def write_config(config: Config, path: Path) -> Path:
     """Write ``config`` as TOML for a CLI subprocess."""
 

@@ -22,7 +22,7 @@ import pytest
 
 from dispatcher.config import Config
 from runner.backtest.data import Bars
-from tests.conftest import KTRDR_RUN, RunningDispatcher, run_cli, write_config
+from tests.conftest import KTRDR_RUN, RunningDispatcher, ktrdr_csv, run_cli, write_config
 from tests.test_core_path import containers_created
 
 pytest.importorskip("backtesting")
@@ -38,15 +38,6 @@ METRICS = (
     "avg_win avg_loss largest_win largest_loss avg_holding_period exposure_pct final_equity "
     "buy_and_hold_return_pct recovery_factor commissions_paid"
 ).split()
-
-
-def ktrdr_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write OHLCV in KTRDR's layout: UTC timestamp index, lower-case columns."""
-    out = frame.rename(columns=str.lower)[["open", "high", "low", "close", "volume"]].copy()
-    out.index = pd.DatetimeIndex(out.index).tz_localize("UTC")
-    out.index.name = "timestamp"
-    out.to_csv(path, date_format="%Y-%m-%dT%H:%M:%SZ")
-    path.chmod(0o644)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import runner.ops.sweep_chunk  # noqa: F401  (registers the op)
+import runner.ops.sweep_chunk  # noqa: F401  (registers the op; now a builtin too)
 from runner import registry
 from runner.errors import Cancelled, DataError, InvalidParams
 from runner.ops.sweep_chunk import SweepChunkParams
@@ -34,6 +34,7 @@ backtesting = pytest.importorskip("backtesting")
 from backtesting import Backtest, Strategy  # noqa: E402
 from backtesting.test import GOOG  # noqa: E402
 
+from tests.conftest import ktrdr_csv  # noqa: E402
 from tests.test_backtest_engine import ref_sma_cross  # noqa: E402
 
 REL = 1e-6
@@ -45,14 +46,6 @@ METRICS = [
     "buy_and_hold_return_pct", "recovery_factor", "commissions_paid",
 ]  # fmt: skip
 SETTINGS: dict[str, Any] = {"initial_capital": 100_000, "commission": 0.001, "slippage": 0.0}
-
-
-def ktrdr_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write OHLCV in KTRDR's layout: UTC timestamp index, lower-case columns."""
-    out = frame.rename(columns=str.lower)[["open", "high", "low", "close", "volume"]].copy()
-    out.index = pd.DatetimeIndex(out.index).tz_localize("UTC")
-    out.index.name = "timestamp"
-    out.to_csv(path, date_format="%Y-%m-%dT%H:%M:%SZ")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from runner.train.dataset import window_indices
 from runner.train.features import Standardizer, compute_features
 from runner.train.labels import LabelSpec, make_labels
 from runner.train.split import DataSplit, split_samples
+from tests.conftest import ktrdr_csv
 
 EPOCH_METRICS = {
     "epoch", "total_epochs", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -55,19 +56,13 @@ def one_torch_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-def _ktrdr_csv(frame: pd.DataFrame, path: Path) -> None:
-    out = frame.rename(columns=str.lower)[["open", "high", "low", "close", "volume"]].copy()
-    out.index = pd.DatetimeIndex(out.index).tz_localize("UTC").rename("timestamp")
-    out.to_csv(path, date_format="%Y-%m-%dT%H:%M:%SZ")
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """GOOG daily and EURUSD hourly (real market data from backtesting.py), KTRDR layout."""
     bt = pytest.importorskip("backtesting.test")
     directory = tmp_path_factory.mktemp("data")
-    _ktrdr_csv(bt.GOOG, directory / "GOOG_1d.csv")
-    _ktrdr_csv(bt.EURUSD, directory / "EURUSD_1h.csv")
+    ktrdr_csv(bt.GOOG, directory / "GOOG_1d.csv")
+    ktrdr_csv(bt.EURUSD, directory / "EURUSD_1h.csv")
     return directory
 
 

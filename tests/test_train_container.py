@@ -23,7 +23,7 @@ import torch
 from dispatcher.config import Config
 from ktrdr_run import Client
 from ktrdr_run.errors import InvalidJob
-from tests.conftest import RunningDispatcher, creations, run_cli, write_config
+from tests.conftest import RunningDispatcher, creations, ktrdr_csv, run_cli, write_config
 from tests.test_core_path import read_op_events
 from tests.test_train import plain_mlp_logits, reference_features
 
@@ -34,13 +34,6 @@ EPOCH_METRICS = {
     "val_loss", "val_accuracy", "learning_rate", "duration",
 }  # fmt: skip
 FAST = ["-p", "hidden_layers=[16]", "-p", "batch_size=64", "-p", "dropout=0"]
-
-
-def ktrdr_csv(frame: pd.DataFrame, path: Path) -> None:
-    out = frame.rename(columns=str.lower)[["open", "high", "low", "close", "volume"]].copy()
-    out.index = pd.DatetimeIndex(out.index).tz_localize("UTC").rename("timestamp")
-    out.to_csv(path, date_format="%Y-%m-%dT%H:%M:%SZ")
-    path.chmod(0o644)
 
 
 @pytest.fixture
