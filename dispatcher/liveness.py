@@ -16,9 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from dispatcher.kvwatch import current_entries
 from dispatcher.opstore import TRANSIENT_ERRORS, retrying
 from runner.protocol import DISPATCHERS_BUCKET, JOBS_STREAM, DispatcherInfo, encode
 
@@ -33,11 +34,10 @@ async def deployment_id(js: JetStreamContext) -> str:
 
 
 async def live_dispatchers(kv: KeyValue) -> set[str]:
-    """Ids of the dispatchers whose lease has not expired."""
-    try:
-        return set(await retrying(kv.keys, what="list dispatcher leases", deadline_s=30.0))
-    except NoKeysError:
-        return set()
+    """Ids of the dispatchers whose lease has not expired (read to the server's end of
+    the current values: a short list here would let a sweep take over live peers' ops)."""
+    entries = await retrying(lambda: current_entries(kv), what="list dispatcher leases", deadline_s=30.0)
+    return {entry.key for entry in entries}
 
 
 class DispatcherLease:
