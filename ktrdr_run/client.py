@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectNotFoundError
 
 from discovery.health import HostSnapshot, read_snapshot
 from dispatcher.config import Config, load_config
@@ -386,22 +386,9 @@ class Client:
 
     async def hosts(self) -> list[HostSnapshot]:
         """The hosts and their free capacity, as the dispatchers last published them."""
-        kv = self.session.handles.hosts  # type: ignore[union-attr]
-        try:
-            return await read_snapshot(kv)
-        except NoKeysError:
-            return []
+        return await read_snapshot(self.session.handles.hosts)  # type: ignore[union-attr]
 
     # -- artifacts --------------------------------------------------------------------
-
-    async def artifact_info(self, name: str) -> tuple[int, str]:
-        """(size in bytes, media type) of a stored artifact."""
-        store = self.session.handles.artifacts  # type: ignore[union-attr]
-        try:
-            info = await store.get_info(name)
-        except (NotFoundError, ObjectNotFoundError, KeyNotFoundError):
-            raise ArtifactNotFound(name) from None
-        return int(info.size or 0), info.description or ""
 
     async def artifact(self, name: str) -> bytes:
         """An artifact's bytes by its store name (``sha256-…``, as in an op record's
