@@ -35,6 +35,8 @@ from dispatcher.liveness import live_dispatchers
 from dispatcher.opstore import Owner
 from dispatcher.outcome import OpRun
 from dispatcher.supervisor import job_from_record
+from runner import registry
+from runner.errors import UnknownKind
 from runner.protocol import (
     ACTIVE_STATES,
     EVENTS_STREAM,
@@ -80,7 +82,7 @@ async def sweep(d: Dispatcher) -> None:
 
 def _orphaned(d: Dispatcher, record: OpRecord, live: set[str]) -> bool:
     if record.dispatcher == d.dispatcher_id:  # ours from an earlier life of this id
-        return record.op_id not in d.runs and record.op_id not in d.claiming
+        return record.op_id not in d.runs and record.op_id not in d.sweeps and record.op_id not in d.claiming
     return record.dispatcher not in live
 
 
@@ -121,6 +123,14 @@ async def take_over(d: Dispatcher, record: OpRecord) -> None:
     log.info(
         "op %s: taking over from %s (%s, attempt %d)", claimed.op_id, dead, claimed.state, claimed.attempts
     )
+    if _coordinated(claimed.kind):
+        # a sweep has no container: its coordinator starts again here and picks up the
+        # children its dead dispatcher listed
+        d.coordinate(claimed, owner)
+        request = await _pending_cancel(d, claimed)
+        if request is not None:
+            await d.request_cancel(claimed.op_id, request)
+        return
     host = d.fleet.host(claimed.host)
     if claimed.state == "placing" or not claimed.container_id:
         await requeue_lost(d, claimed, owner, f"its dispatcher {dead} died before starting the container")
@@ -176,6 +186,13 @@ async def adopt(d: Dispatcher, record: OpRecord, owner: Owner, host: Host, engin
     request = await _pending_cancel(d, record)
     if request is not None:
         await d.request_cancel(record.op_id, request)
+
+
+def _coordinated(kind: str) -> bool:
+    try:
+        return registry.get(kind).coordinated
+    except UnknownKind:
+        return False
 
 
 async def requeue_lost(d: Dispatcher, record: OpRecord, owner: Owner, why: str) -> None:

@@ -53,6 +53,7 @@ from dispatcher.placement import Placement, Reservation, why_never_placeable
 from dispatcher.rejections import dead_letter, reject
 from dispatcher.runner_images import ImageProvider, RunnerImages
 from dispatcher.supervisor import Supervisor
+from dispatcher.sweep_coordinator import CoordinatorDeps, SweepCoordinator
 from runner.protocol import (
     DISPATCHER_CONSUMER,
     DISPATCHER_PING_SUBJECT,
@@ -105,6 +106,7 @@ class Dispatcher:
         self.leases_kv = handles.dispatchers
         self.images = RunnerImages(fleet, image, source=image_source, config=config.images)
         self.runs: dict[str, OpRun] = {}
+        self.sweeps: dict[str, SweepCoordinator] = {}  # coordinated ops (sweeps) run here
         self.claiming: set[str] = set()  # ops being claimed by this dispatcher right now
         self._held: set[int] = set()  # job messages held, not yet claimed or rejected
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -217,6 +219,40 @@ class Dispatcher:
             what=f"submit {job.job_id}",
         )
         await self._handle_direct(int(ack.seq))
+
+    async def _submit_child(self, job: Job) -> None:
+        """Submit a child op: to the queue, or — in a one-shot command, whose dispatcher
+        takes nothing from the queue — straight to this dispatcher."""
+        if self.own_only:
+            await self.submit_own(job)
+            return
+        await retrying(
+            lambda: self.js.publish(job_subject(job.kind), encode(job), headers={"Nats-Msg-Id": job.job_id}),
+            what=f"submit {job.job_id}",
+        )
+
+    def coordinate(self, record: OpRecord, owner: Owner) -> asyncio.Task[Any]:
+        """Run the coordinator of a coordinated op (a sweep) this dispatcher owns."""
+        deps = CoordinatorDeps(
+            nc=self.nc,
+            js=self.js,
+            store=self.store,
+            artifacts=self.artifacts,
+            placement=self.placement,
+            hosts=self.fleet.hosts,
+            submit=self._submit_child,
+        )
+        coordinator = SweepCoordinator(deps, record, owner)
+        self.sweeps[record.op_id] = coordinator
+
+        async def run() -> None:
+            try:
+                await coordinator.run()
+            finally:
+                if self.sweeps.get(record.op_id) is coordinator:
+                    del self.sweeps[record.op_id]
+
+        return self.spawn(run())
 
     async def _handle_direct(self, sequence: int) -> None:
         lease = await DirectLease.read(self.js, sequence)
@@ -382,6 +418,9 @@ class Dispatcher:
         if await self._cancel_requested_before_start(record):
             await lease.ack()
             return
+        if admitted.op.coordinated:
+            await self._start_coordinated(lease, record)
+            return
         placed = await self._place(lease, job.job_id, resources)
         if placed is None:
             return
@@ -423,6 +462,31 @@ class Dispatcher:
                 del self.runs[run.op_id]
             self._free_slot()
 
+    async def _start_coordinated(self, lease: JobLease, record: OpRecord) -> None:
+        """Claim a coordinated op (queued → running, no container) and coordinate it."""
+        owner = Owner(self.dispatcher_id, record.attempts + 1)
+        self.claiming.add(record.op_id)
+        try:
+            claimed = await self.store.transition(
+                record.op_id,
+                "running",
+                allowed_from={"queued"},
+                dispatcher=self.dispatcher_id,
+                host="",
+                attempts=owner.attempt,
+                retry_at=0.0,
+                message="coordinated by dispatcher " + self.dispatcher_id,
+            )
+            if claimed is not None:
+                task = self.coordinate(claimed, owner)
+        finally:
+            self.claiming.discard(record.op_id)
+        with contextlib.suppress(Exception):
+            await lease.ack()
+        self._held.discard(lease.sequence)
+        if claimed is not None:
+            await task
+
     async def _artifact_exists(self, name: str) -> bool:
         try:
             await retrying(lambda: self.artifacts.get_info(name), what=f"look up artifact {name}")
@@ -446,6 +510,7 @@ class Dispatcher:
             labels=job.labels,
             submitted_by=job.submitted_by,
             data_dir=data_dir,
+            parent_id=job.parent_id,
             timestamps={"queued": now()},
             cancel_floor_seq=await self._earlier_op_floor(job.job_id),
         )
@@ -559,6 +624,11 @@ class Dispatcher:
         intent = CancelIntent(
             requested_at=request.ts, reason=request.reason, requested_by=request.requested_by
         )
+        coordinator = self.sweeps.get(op_id)
+        if coordinator is not None:
+            coordinator.cancel(intent)
+            log.info("sweep %s: cancel requested (%s)", op_id, request.reason or "no reason")
+            return
         run = self.runs.get(op_id)
         if run is None:
             record = await self.store.find(op_id)

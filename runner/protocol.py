@@ -56,6 +56,7 @@ EVENT_KINDS: Final = (
     "error",
     "cancel_ack",
     "heartbeat",
+    "trial",
     "cancel",
 )
 
@@ -155,6 +156,8 @@ class Job(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     labels: dict[str, str] = {}
     submitted_by: str = ""
     data_dir: str = ""
+    #: The op that submitted this one (a sweep's chunk names its sweep); "" = none.
+    parent_id: Annotated[str, Meta(pattern=r"^(|" + ID_PATTERN[1:-1] + ")$")] = ""
 
 
 # --- op record (KV ktrdr_ops, key = op id) ---------------------------------------------
@@ -238,6 +241,10 @@ class OpRecord(Struct, kw_only=True):
     #: Event-stream sequence of the last status event of an earlier op that used this id:
     #: cancel requests at or below it belong to that op, not to this one.
     cancel_floor_seq: int = 0
+    #: The op that submitted this one (a sweep's chunks name their sweep); "" = none.
+    parent_id: str = ""
+    #: The ops this one submitted (a sweep's chunks), in submission order.
+    children: list[str] = []
 
     @property
     def terminal(self) -> bool:
@@ -312,6 +319,20 @@ class HeartbeatEvent(_Event, frozen=True, tag="heartbeat"):
     uptime_s: float = 0.0
 
 
+class TrialEvent(_Event, frozen=True, tag="trial"):
+    """One combination of a sweep, finished: published on the sweep's own subject.
+
+    ``metrics`` are the 24 backtest metrics (None when the combination failed, with
+    ``error`` saying why); ``child`` is the chunk op that ran it.
+    """
+
+    index: int
+    params: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+    child: str = ""
+
+
 class CancelRequest(_Event, frozen=True, tag="cancel"):
     """A request to cancel an op; anyone may publish it to ``ktrdr.ops.<id>.cancel``."""
 
@@ -327,6 +348,7 @@ Event = (
     | ErrorEvent
     | CancelAckEvent
     | HeartbeatEvent
+    | TrialEvent
     | CancelRequest
 )
 

@@ -37,6 +37,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "runner.ops.backtest",
     "runner.ops.train",
     "runner.ops.sweep_chunk",
+    "runner.ops.sweep",
 )
 
 
@@ -55,6 +56,9 @@ class Operation:
     #: The artifacts the op will read, by params field: the dispatcher checks that each
     #: exists before any container starts.
     reads: ArtifactReads | None = None
+    #: Run by the dispatcher's coordinator, never in a container (a sweep): it holds no
+    #: capacity of its own and submits child ops that do.
+    coordinated: bool = False
 
     def parse_params(self, params: dict[str, Any], *, strict: bool = True) -> msgspec.Struct:
         """Validate ``params`` into the kind's params struct.
@@ -85,6 +89,7 @@ def operation(
     check: ParamsCheck | None = None,
     preflight: Preflight | None = None,
     reads: ArtifactReads | None = None,
+    coordinated: bool = False,
 ) -> Callable[[OpFunction], OpFunction]:
     """Declare ``fn`` as the operation ``kind`` with params struct ``params``.
 
@@ -114,6 +119,7 @@ def operation(
             check=check,
             preflight=preflight,
             reads=reads,
+            coordinated=coordinated,
         )
         return fn
 

@@ -18,9 +18,10 @@ SYMBOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$"
 TIMEFRAME_PATTERN = r"^[0-9]{1,4}[A-Za-z]{1,3}$"
 
 
-def check_date_range(kind: str, start: str | None, end: str | None) -> None:
+def check_date_range(kind: str, start: str | None, end: str | None, *, prefix: str = "") -> None:
     """``start``/``end`` (ISO 8601, both inclusive; naive means UTC) parse and are in order;
-    InvalidParams names the field. A date-only ``end`` includes its whole day."""
+    InvalidParams names the field (``prefix`` + ``start``/``end``). A date-only ``end``
+    includes its whole day."""
     from datetime import UTC, datetime, timedelta
 
     from runner.errors import InvalidParams
@@ -32,9 +33,9 @@ def check_date_range(kind: str, start: str | None, end: str | None) -> None:
             raise InvalidParams(kind, field, f"{value!r} is not an ISO 8601 date (e.g. 2024-01-31)") from None
         return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
 
-    first = parse(start, "start") if start else None
-    last = parse(end, "end") if end else None
+    first = parse(start, prefix + "start") if start else None
+    last = parse(end, prefix + "end") if end else None
     if first is not None and last is not None and end is not None:
         date_only = len(end.strip()) == 10
         if (last + timedelta(days=1) <= first) if date_only else (last < first):
-            raise InvalidParams(kind, "end", f"end {end!r} is before start {start!r}")
+            raise InvalidParams(kind, prefix + "end", f"{prefix}end {end!r} is before {prefix}start {start!r}")
