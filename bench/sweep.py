@@ -1,21 +1,21 @@
-"""A 640-combination SMA grid: ktrdr-run's chunked containers beside backtesting.py's optimize.
+"""A 640-combination SMA grid: a ktrdr-run ``sweep`` op beside backtesting.py's optimize
+and vectorbt.
 
 The grid: ``fast`` in range(5, 85, 5) by ``slow`` in range(10, 210, 5) (16 x 40 = 640
 combinations; the ``fast < slow`` ones run) on GOOG daily (backtesting.py's test data),
-ranked by final equity. Ours, timed from submit to every chunk's result known to the
-client, containers included: the valid combinations split into ``--chunks`` ``sweep_chunk``
-ops run side by side (the coordinator that will do this split itself is still to come;
-this measures what it will dispatch). The reference: backtesting.py's ``Backtest.optimize``
-of its own canonical ``SmaCross`` on the same grid, in this process. Both runs report the
-best params; vectorbt is timed too when it is installed. Prints times and ratios.
+ranked by final equity. Ours: one ``sweep`` op, timed from submit to its ranked result
+known to the client, containers included (the coordinator splits the grid into
+``sweep_chunk`` child ops by free capacity, or ``--chunk-size``). The references, in this
+process: backtesting.py's ``Backtest.optimize`` of its own canonical ``SmaCross`` on the
+same grid, and vectorbt's portfolios of the same pairs (when installed: ``pip install -e
+.[bench]``). Each reports its best params. Prints times and ratios.
 
-    python bench/sweep.py [--chunks 2] [--runs 3]
+    python bench/sweep.py [--chunk-size N] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import statistics
 import tempfile
@@ -30,7 +30,6 @@ from backtesting.test import SMA
 from harness import bench_stack, run
 
 from ktrdr_run import Client
-from runner.protocol import Job, new_job_id
 
 FAST, SLOW = range(5, 85, 5), range(10, 210, 5)
 
@@ -85,88 +84,108 @@ def backtesting_py() -> tuple[float, dict[str, int]]:
     return elapsed, {"fast": int(strategy.fast), "slow": int(strategy.slow)}
 
 
-def vectorbt_time() -> float | None:
-    """Seconds for vectorbt's SMA-cross grid (the same windows), when vectorbt is installed."""
+def vectorbt_run() -> tuple[float, dict[str, int]] | None:
+    """Seconds for vectorbt's SMA-cross portfolios over the same (fast, slow) pairs, and its
+    best pair by final value; None when vectorbt is not installed (``pip install -e .[bench]``).
+    Timed warm: numba compiles on the first call, which a warm-up call pays."""
     try:
-        import vectorbt as vbt  # type: ignore[import-not-found]
+        import vectorbt as vbt
     except ImportError:
         return None
     from backtesting.test import GOOG
 
     close = GOOG["Close"]
-    started = time.perf_counter()
-    fast, slow = vbt.MA.run_combs(
-        close, window=sorted(set(FAST) | set(SLOW)), r=2, short_names=["fast", "slow"]
-    )
-    entries, exits = fast.ma_crossed_above(slow), fast.ma_crossed_below(slow)
-    vbt.Portfolio.from_signals(close, entries, exits, fees=0.001, init_cash=100_000).final_value()
-    return time.perf_counter() - started
+    pairs = [(f, s) for f in FAST for s in SLOW if f < s]
 
+    def once() -> Any:
+        fast = vbt.MA.run(close, [f for f, _ in pairs], short_name="fast")
+        slow = vbt.MA.run(close, [s for _, s in pairs], short_name="slow")
+        entries, exits = fast.ma_crossed_above(slow), fast.ma_crossed_below(slow)
+        portfolio = vbt.Portfolio.from_signals(close, entries, exits, fees=0.001, init_cash=100_000)
+        return portfolio.final_value()
 
-async def ours(client: Client, data_dir: Path, chunks: int) -> tuple[float, dict[str, Any], int]:
-    """Seconds from submit to every chunk's result; the best entry; combinations run."""
-    combos = [{"fast": f, "slow": s} for f in FAST for s in SLOW if f < s]
-    size = -(-len(combos) // chunks)
-    started = time.perf_counter()
-    ops = []
-    for i in range(chunks):
-        part = combos[i * size : (i + 1) * size]
-        params = {
-            "strategy": "sma_cross",
-            "symbol": "GOOG",
-            "combinations": part,
-            "first_index": i * size,
-            "maximize": "final_equity",
-            "initial_capital": 100_000,
-            "commission": 0.001,
-            "slippage": 0.0,
-            "close_at_end": True,
-        }
-        job = Job(job_id=new_job_id(), kind="sweep_chunk", params=params, data_dir=str(data_dir))
-        ops.append(await client.submit_job(job))
-    records = await asyncio.gather(*(op.wait(timeout_s=600) for op in ops))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        once()
+        started = time.perf_counter()
+        values = once()
     elapsed = time.perf_counter() - started
-    results = []
-    for record in records:
-        if record.state != "completed" or record.result is None:
-            raise SystemExit(f"chunk {record.op_id} ended {record.state}: {record.error}")
-        results += record.result["results"]
-    best = max((r for r in results if r["metrics"]), key=lambda r: r["metrics"]["final_equity"])
-    return elapsed, best, len(results)
+    fast_w, slow_w = values.idxmax()
+    return elapsed, {"fast": int(fast_w), "slow": int(slow_w)}
 
 
-async def main(chunks: int, runs: int) -> None:
+def sweep_params(chunk_size: int | None) -> dict[str, Any]:
+    """The grid as a ``sweep`` op's params."""
+    params: dict[str, Any] = {
+        "strategy": "sma_cross",
+        "symbol": "GOOG",
+        "space": {
+            "fast": {"type": "range", "start": FAST.start, "stop": FAST.stop, "step": FAST.step},
+            "slow": {"type": "range", "start": SLOW.start, "stop": SLOW.stop, "step": SLOW.step},
+        },
+        "constraint": "fast < slow",
+        "maximize": "final_equity",
+        "initial_capital": 100_000,
+        "commission": 0.001,
+        "slippage": 0.0,
+        "close_at_end": True,
+    }
+    if chunk_size:
+        params["chunk_size"] = chunk_size
+    return params
+
+
+async def ours(client: Client, data_dir: Path, chunk_size: int | None) -> tuple[float, dict[str, Any], Any]:
+    """Seconds from submit to the ranked result of one ``sweep`` op; its best; its record."""
+    started = time.perf_counter()
+    op = await client.submit("sweep", sweep_params(chunk_size), data_dir=str(data_dir))
+    record = await op.wait(timeout_s=600)
+    elapsed = time.perf_counter() - started
+    if record.state != "completed" or record.result is None:
+        raise SystemExit(f"sweep {record.op_id} ended {record.state}: {record.error}")
+    return elapsed, record.result["best"], record
+
+
+async def main(chunk_size: int | None, runs: int) -> None:
     data_dir = goog_data_dir()
     try:
         async with bench_stack() as stack:
             client = Client.over(stack.session)
-            await ours(client, data_dir, chunks)  # warm-up: image, page cache
-            timings, best, count = [], {}, 0
+            await ours(client, data_dir, chunk_size)  # warm-up: image, page cache
+            timings: list[float] = []
+            best: dict[str, Any] = {}
+            record = None
             for _ in range(runs):
-                elapsed, best, count = await ours(client, data_dir, chunks)
+                elapsed, best, record = await ours(client, data_dir, chunk_size)
                 timings.append(elapsed)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+    assert record is not None and record.result is not None
     peer = [backtesting_py() for _ in range(runs)]
     peer_s = statistics.median(t for t, _ in peer)
-    vbt_s = vectorbt_time()
+    vbt = vectorbt_run()
     our_s = statistics.median(timings)
-    print(f"grid                        fast {FAST} x slow {SLOW}: 640, {count} with fast < slow")
-    print(f"ktrdr-run ({chunks} chunk ops)     median {our_s * 1000:8.1f} ms over {runs} runs")
+    result = record.result
+    print(f"grid                        fast {FAST} x slow {SLOW}: 640, {result['done']} with fast < slow")
+    print(
+        f"ktrdr-run sweep op          median {our_s * 1000:8.1f} ms over {runs} runs "
+        f"(submit -> ranked result; {result['children']} chunk ops, containers included)"
+    )
     print(f"                            best {best['params']}")
     print(f"backtesting.py optimize     median {peer_s * 1000:8.1f} ms over {runs} runs")
     print(f"                            best {peer[0][1]}")
     print(f"ratio ktrdr-run / backtesting.py   {our_s / peer_s:.3f}   (goal: at most 0.1)")
-    if vbt_s is None:
-        print("vectorbt                    not installed (pip install vectorbt to compare)")
+    if vbt is None:
+        print("vectorbt                    not installed (pip install -e .[bench] to compare)")
     else:
-        print(f"vectorbt                    {vbt_s * 1000:8.1f} ms")
-        print(f"ratio ktrdr-run / vectorbt         {our_s / vbt_s:.2f}")
+        print(f"vectorbt (warm, no numba compile) {vbt[0] * 1000:8.1f} ms")
+        print(f"                            best {vbt[1]}")
+        print(f"ratio ktrdr-run / vectorbt         {our_s / vbt[0]:.2f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chunks", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, help="combinations per chunk (default: the coordinator's)")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    run(main(args.chunks, args.runs))
+    run(main(args.chunk_size, args.runs))

@@ -108,6 +108,8 @@ class Dispatcher:
         self.runs: dict[str, OpRun] = {}
         self.sweeps: dict[str, SweepCoordinator] = {}  # coordinated ops (sweeps) run here
         self.claiming: set[str] = set()  # ops being claimed by this dispatcher right now
+        # cancels that arrived while their op was being claimed: applied once it runs here
+        self._early_cancels: dict[str, CancelRequest] = {}
         self._held: set[int] = set()  # job messages held, not yet claimed or rejected
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slot_freed = asyncio.Event()
@@ -452,6 +454,9 @@ class Dispatcher:
             self.runs[run.op_id] = run
         finally:
             self.claiming.discard(job.job_id)
+            early = self._early_cancels.pop(job.job_id, None)
+        if early is not None:
+            await self.request_cancel(job.job_id, early)
         with contextlib.suppress(Exception):  # a lost ack only means a duplicate delivery later
             await lease.ack()
         self._held.discard(lease.sequence)
@@ -481,10 +486,13 @@ class Dispatcher:
                 task = self.coordinate(claimed, owner)
         finally:
             self.claiming.discard(record.op_id)
+            early = self._early_cancels.pop(record.op_id, None)
         with contextlib.suppress(Exception):
             await lease.ack()
         self._held.discard(lease.sequence)
         if claimed is not None:
+            if early is not None:
+                await self.request_cancel(record.op_id, early)
             await task
 
     async def _artifact_exists(self, name: str) -> bool:
@@ -630,6 +638,9 @@ class Dispatcher:
             log.info("sweep %s: cancel requested (%s)", op_id, request.reason or "no reason")
             return
         run = self.runs.get(op_id)
+        if run is None and op_id in self.claiming:
+            self._early_cancels[op_id] = request  # the claim is in flight: apply it after
+            return
         if run is None:
             record = await self.store.find(op_id)
             if record is not None and record.state == "queued":

@@ -35,6 +35,7 @@ from ktrdr_run.cli_submit import (
     parse_pairs,
     submit_and_report,
 )
+from ktrdr_run.cli_sweep import add_sweep_parser
 from ktrdr_run.cli_train import add_train_parser
 from ktrdr_run.errors import ArtifactCorrupt, ArtifactNotFound, InvalidJob, WaitTimeout
 from ktrdr_run.session import Session
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ops_parsers(sub)
     add_backtest_parser(sub)
+    add_sweep_parser(sub)
     add_train_parser(sub)
 
     p = sub.add_parser("dispatcher", help="run the dispatcher service")

@@ -8,7 +8,7 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from dispatcher.config import Config
@@ -136,9 +136,11 @@ async def submit_and_report(
     config: Config,
     render: Render | None = None,
     milestone: Callable[[ProgressEvent], str | None] | None = None,
+    render_states: Collection[str] = ("completed",),
 ) -> int:
     """Submit ``job``; with --detach return at once, else follow it and report the outcome
-    (``render`` shows a completed op its own way, while still connected)."""
+    (``render`` shows an op that ended in one of ``render_states`` its own way, while
+    still connected)."""
     say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     # submitting may create what a fresh server lacks, never change what exists
     session = Session(config, need_dispatcher=not args.detach, progress=say, setup="create")
@@ -161,7 +163,7 @@ async def submit_and_report(
         else:
             with ProgressView(sys.stderr, op.op_id, milestone) as view:
                 record = await follow_to_end(op, view)
-            if render is not None and record.state == "completed":
+            if render is not None and record.state in render_states:
                 await render(client, record)
             else:
                 print_record(record)

@@ -1,5 +1,6 @@
 """The one number that says how an op did, for the CLI's ops table and the dashboard:
-Sharpe for backtests, the validation loss for training."""
+Sharpe for backtests, the validation loss for training, the best objective value for a
+sweep (``best final_equity`` so far while it runs)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,20 @@ def _lookup(record: OpRecord, name: str) -> float | None:
     return None
 
 
+def _sweep_best(record: OpRecord) -> tuple[str, float] | None:
+    result = record.result or {}
+    maximize = str(result.get("maximize") or record.params.get("maximize") or "final_equity")
+    best = result.get("best")
+    value = _number(best.get("value")) if isinstance(best, dict) else None
+    if value is None and record.progress is not None:
+        value = _number(record.progress.metrics.get("best"))
+    return None if value is None else (maximize.lstrip("-"), value)
+
+
 def headline_metric(record: OpRecord) -> tuple[str, float] | None:
     """(metric name, value) of the op's headline; None when there is none yet."""
+    if record.kind == "sweep":
+        return _sweep_best(record)
     order = ("val_loss", "sharpe_ratio") if record.kind in TRAINING_KINDS else ("sharpe_ratio", "val_loss")
     for name in order:
         value = _lookup(record, name)
@@ -53,4 +66,6 @@ def metric_text(record: OpRecord) -> str:
     if found is None:
         return ""
     name, value = found
+    if record.kind == "sweep":
+        return f"best {name} {value:.4g}"
     return f"sharpe {value:.2f}" if name == "sharpe_ratio" else f"val_loss {value:.4g}"

@@ -106,3 +106,17 @@ def test_the_dispatcher_package_has_no_cli_code() -> None:
             isinstance(n, ast.ImportFrom) and (n.module or "").startswith(("ktrdr_run", "tui"))
             for n in ast.walk(tree)
         ), path
+
+
+def test_only_the_dispatchers_sweep_trials_module_imports_optuna() -> None:
+    """Containers never import Optuna: it drives random and TPE sweeps in the coordinator."""
+    importers = []
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                if any(n.split(".")[0] == "optuna" for n in names):
+                    importers.append(module_name(path))
+    assert sorted(set(importers)) == ["dispatcher.sweep_trials"]

@@ -29,18 +29,22 @@ from runner.protocol import (
     ProgressEvent,
     ResultEvent,
     StatusEvent,
+    TrialEvent,
 )
 from tui.format import (
     STATE_STYLES,
     duration,
     elapsed_s,
+    metric_value,
     number,
+    param_value,
     params_lines,
     percent_of,
     state_text,
     submitted_at,
 )
 from tui.messages import ConnectionChanged, OpEvent, RecordChanged
+from tui.sweep_detail import SweepView
 
 if TYPE_CHECKING:
     from tui.app import DashboardApp
@@ -50,6 +54,8 @@ log = logging.getLogger("ktrdr.tui")
 SPARK_WIDTH = 48
 TRACEBACK_LINES = 14
 MAX_LOG_LINES = 5000
+#: Metrics a sweep's trial line in the event log shows.
+TRIAL_METRICS = ("final_equity", "sharpe_ratio", "total_trades")
 
 
 def event_line(event: Event, t0: float) -> Text | None:
@@ -81,6 +87,14 @@ def event_line(event: Event, t0: float) -> Text | None:
     elif isinstance(event, CancelAckEvent):
         line.append("cancel_ack ", style="bold magenta")
         line.append(event.message or ("partial result saved" if event.partial_saved else "exiting"))
+    elif isinstance(event, TrialEvent):
+        line.append("trial    ", style="bold")
+        line.append(f"#{event.index}  " + " ".join(f"{k}={param_value(v)}" for k, v in event.params.items()))
+        if event.error is not None:
+            line.append(f"  {event.error}", style="red")
+        elif event.metrics:
+            shown = " ".join(f"{k}={metric_value(k, event.metrics.get(k))}" for k in TRIAL_METRICS)
+            line.append(f"  {shown}", style="cyan")
     elif isinstance(event, CancelRequest):
         line.append("cancel   ", style="bold magenta")
         reason = f": {event.reason}" if event.reason else ""
@@ -124,6 +138,8 @@ class OpDetailScreen(Screen[None]):
                 yield Static("", id="detail-metrics", classes="section")
                 yield Static("", id="detail-artifacts", classes="section")
             with Vertical(id="detail-right"):
+                if self.record.kind == "sweep":
+                    yield SweepView(id="detail-sweep")
                 yield Static("", id="detail-error")
                 yield RichLog(id="detail-log", max_lines=MAX_LOG_LINES, wrap=False, markup=False)
         yield Footer()
@@ -166,6 +182,8 @@ class OpDetailScreen(Screen[None]):
         artifacts.rstrip()
         self.query_one("#detail-artifacts", Static).update(artifacts if record.artifacts else Text("(none)"))
         self._error()
+        for sweep in self.query(SweepView):
+            sweep.show_record(record)
 
     def _summary(self) -> None:
         record = self.record
@@ -255,6 +273,8 @@ class OpDetailScreen(Screen[None]):
         if message.restart:
             view.clear()
             self.history.clear()
+            for sweep in self.query(SweepView):
+                sweep.restart()
             self.events_seen = 0
             self._title_log()
             return
@@ -265,6 +285,8 @@ class OpDetailScreen(Screen[None]):
             for name, value in event.metrics.items():
                 self.history.setdefault(name, []).append(value)
             self._metrics()
+            for sweep in self.query(SweepView):
+                sweep.add_progress(event.metrics)
         line = event_line(event, self._t0 or event.ts)
         if line is not None:
             self.events_seen += 1

@@ -13,6 +13,7 @@ from typing import Any
 from rich.text import Text
 
 from discovery.health import HostSnapshot
+from ktrdr_run.charts import format_number
 from runner.protocol import TERMINAL_STATES, OpRecord
 
 #: Rich style of each op state.
@@ -118,3 +119,29 @@ def host_cells(host: HostSnapshot) -> tuple[str, str, Text, str, str, str, str]:
         capacity(host.free_gpus, len(host.gpus)),
         str(host.running_ops),
     )
+
+
+#: Metrics that are counts (shown as whole numbers).
+COUNT_METRICS = frozenset({"total_trades", "winning_trades", "losing_trades"})
+
+
+def metric_value(name: str, value: Any) -> str:
+    """A backtest metric as shown in a table: fractions named ``*_pct`` and ``win_rate`` in
+    percent, counts whole, the rest compactly (``12,346``, ``1.27``, ``0.812``); ``-`` when
+    undefined (missing, None, not finite)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    if not math.isfinite(value):
+        return "-"
+    if name in COUNT_METRICS:
+        return str(round(value))
+    if name.endswith("_pct") or name == "win_rate":
+        return f"{value * 100:,.2f}%"
+    return format_number(float(value))
+
+
+def param_value(value: Any) -> str:
+    """A parameter's value, compactly: ``10``, ``0.003``, ``ema``."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value, default=str)
