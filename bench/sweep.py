@@ -16,6 +16,9 @@ same grid, and vectorbt's portfolios of the same pairs (when installed: ``pip in
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import io
 import shutil
 import statistics
 import tempfile
@@ -74,7 +77,8 @@ def backtesting_py() -> tuple[float, dict[str, int]]:
 
     bt = Backtest(GOOG, SmaCross, cash=100_000, commission=0.001, finalize_trades=True)
     started = time.perf_counter()
-    with warnings.catch_warnings():
+    # backtesting.py draws progress bars on stderr when tqdm is installed (optuna brings it)
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         stats = bt.optimize(
             fast=FAST, slow=SLOW, constraint=lambda p: p.fast < p.slow, maximize="Equity Final [$]"
@@ -143,6 +147,14 @@ async def ours(client: Client, data_dir: Path, chunk_size: int | None) -> tuple[
     elapsed = time.perf_counter() - started
     if record.state != "completed" or record.result is None:
         raise SystemExit(f"sweep {record.op_id} ended {record.state}: {record.error}")
+    # the sweep completes on its chunks' results; their containers exit just after: let
+    # them, so the next run starts on an idle machine (not timed)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = [await client.op(c).record() for c in record.children]
+        if all(c.terminal for c in children):
+            break
+        await asyncio.sleep(0.05)
     return elapsed, record.result["best"], record
 
 

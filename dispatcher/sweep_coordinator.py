@@ -60,6 +60,7 @@ from runner.protocol import (
     OpRecord,
     ProgressEvent,
     ProgressSnapshot,
+    ResultEvent,
     StatusEvent,
     TrialEvent,
     encode,
@@ -129,6 +130,8 @@ class _Child:
     done_in_flight: int = 0
     collected: bool = False
     published: bool = False
+    #: The chunk's result, from its ``result`` event (before its container has exited).
+    result: dict[str, Any] | None = None
 
 
 @dataclass
@@ -336,6 +339,8 @@ class SweepCoordinator:
         waited_since: float | None = None
         try:
             while True:
+                # cleared before reading: a status event from here on wakes the wait below
+                self._wake.clear()
                 pending = [c for c in children if not c.collected]
                 if not pending:
                     return
@@ -348,6 +353,10 @@ class SweepCoordinator:
                     log.warning("sweep %s: %d child op(s) did not end after cancel", self.op_id, len(pending))
                     return
                 for child in pending:
+                    if child.result is not None:
+                        # the results are in: the container's exit is the child's business
+                        await self._take(child, "completed", child.result, "", tally)
+                        continue
                     record = await self.deps.store.find(child.op_id)
                     if record is None:
                         if not child.published:
@@ -357,7 +366,8 @@ class SweepCoordinator:
                     if record.terminal:
                         await self._collect(child, record, tally)
                 await self._report(tally)
-                self._wake.clear()
+                if all(c.collected for c in children):
+                    return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), min(POLL_S, PROGRESS_EVERY_S * 2))
         finally:
@@ -375,31 +385,39 @@ class SweepCoordinator:
             return
         if isinstance(event, ProgressEvent) and "done" in event.metrics:
             child.done_in_flight = int(event.metrics["done"])
+        elif isinstance(event, ResultEvent) and isinstance(event.result.get("results"), list):
+            # any attempt's result will do: a chunk's results follow from its params alone
+            child.result = event.result
+            self._wake.set()
         elif isinstance(event, StatusEvent):
             self._wake.set()
 
     async def _collect(self, child: _Child, record: OpRecord, tally: Tally) -> None:
         """Add a finished child's combinations to the tally and announce each one."""
+        why = record.error.message if record.error else f"chunk {record.state}"
+        await self._take(child, record.state, record.result, why, tally)
+
+    async def _take(
+        self, child: _Child, state: str, result: dict[str, Any] | None, why: str, tally: Tally
+    ) -> None:
         if child.collected:
             return
         child.collected = True
-        child.state = record.state
         entries: list[dict[str, Any]]
-        results = (record.result or {}).get("results") if record.state == "completed" else None
+        results = (result or {}).get("results") if state == "completed" else None
         if isinstance(results, list):
-            self._remember_shared(record.result or {})
+            self._remember_shared(result or {})
             entries = [{**e, "child": child.op_id} for e in results if isinstance(e, dict) and "index" in e]
         else:
-            why = record.error.message if record.error else f"chunk {record.state}"
-            if record.state == "cancelled" and self._cancel is not None:
+            if state == "cancelled" and self._cancel is not None:
                 return  # cancelled with its sweep: its combinations did not run
-            error = f"chunk {child.op_id} {record.state}: {why}"
+            error = f"chunk {child.op_id} {state}: {why}"
             entries = [
                 {"index": t.index, "params": t.params, "metrics": None, "error": error, "child": child.op_id}
                 for t in child.trials
             ]
         new = tally.add(entries)
-        log.info("sweep %s: child %s %s (%d combinations)", self.op_id, child.op_id, record.state, len(new))
+        log.info("sweep %s: child %s %s (%d combinations)", self.op_id, child.op_id, state, len(new))
         await self._announce(new)
 
     def _remember_shared(self, result: dict[str, Any]) -> None:
@@ -495,6 +513,7 @@ class SweepCoordinator:
         try:
             cancel_sent = False
             while True:
+                self._wake.clear()
                 record = await self.deps.store.find(child.op_id)
                 if record is not None and record.terminal:
                     child.collected = True
@@ -502,7 +521,6 @@ class SweepCoordinator:
                 if self._stopping() and not cancel_sent:
                     await self._cancel_children("its sweep was cancelled", [child])
                     cancel_sent = True
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), POLL_S)
         finally:
@@ -523,6 +541,8 @@ class SweepCoordinator:
             )
             artifacts["results"] = name
         result = self._result(source, tally, validation)
+        if self._stopping():
+            await self._settle_children()
         if self._cancel is not None:
             state, message = "cancelled", f"cancelled after {len(tally.entries)} combinations"
             extra: dict[str, Any] = {"cancel": self._cancel.intent}
@@ -547,6 +567,24 @@ class SweepCoordinator:
             **extra,
         )
         log.info("sweep %s %s: %s", self.op_id, state, message)
+
+    async def _settle_children(self) -> None:
+        """Wait (bounded) until every child has ended: a stopped sweep ends after its
+        children, so what it reports of them holds. A completed sweep does not wait: its
+        chunks' results are in, their containers exit on their own."""
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        pending = list(self.children)
+        while pending and time.monotonic() < deadline:
+            ended = []
+            for child_id in pending:
+                record = await self.deps.store.find(child_id)
+                if record is None or record.terminal:
+                    ended.append(child_id)
+            pending = [c for c in pending if c not in ended]
+            if pending:
+                await asyncio.sleep(0.2)
+        if pending:
+            log.warning("sweep %s: %d child op(s) had not ended when it stopped", self.op_id, len(pending))
 
     def _result(self, source: TrialSource, tally: Tally, validation: dict[int, Any] | None) -> dict[str, Any]:
         params = self.params
