@@ -24,7 +24,7 @@ from dispatcher.sweep_coordinator import chunk_range
 from ktrdr_run import Client
 from ktrdr_run.errors import InvalidJob
 from runner.protocol import TrialEvent
-from tests.conftest import RunningDispatcher, creations, ktrdr_csv
+from tests.conftest import RunningDispatcher, creations, ktrdr_csv, run_cli, write_config
 from tests.faults import publish_jobs, records, wait_states
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
@@ -276,3 +276,32 @@ async def test_results_survive_json_round_trip(
     assert [e["rank"] for e in doc["result"]["leaderboard"]] == [1, 2, 3]
     assert doc["result"]["best"] == doc["result"]["leaderboard"][0]
     _covered_once(record.op_id, record.children, 24)
+
+
+async def test_the_sweep_command_one_shot_prints_leaderboard_and_heatmap_and_json(
+    config: Config, tmp_state: Path, data_dir: Path, runner_image: str, no_leftover_containers: None
+) -> None:
+    """No dispatcher runs: the command's own one-shot dispatcher coordinates the sweep and
+    runs its children (and nothing else)."""
+    config_path = write_config(config, tmp_state / "cli.toml")
+    args = [
+        "sweep", "--strategy", "sma_cross", "--symbol", "GOOG", "--grid", "fast=5:30:5",
+        "--grid", "slow=10:70:10", "--constraint", "fast < slow", "--commission", "0.001",
+        "--slippage", "0", "--top", "5", "--chunk-size", "12", "--data-dir", str(data_dir),
+    ]  # fmt: skip
+    shown = await asyncio.to_thread(run_cli, args, config_path, 300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    done = await asyncio.to_thread(run_cli, [*args, "--json"], config_path, 300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout)
+    assert record["state"] == "completed" and len(record["children"]) == 2
+    board = record["result"]["leaderboard"]
+    assert [e["rank"] for e in board] == [1, 2, 3, 4, 5] and record["result"]["best"] == board[0]
+    best = board[0]["params"]
+    # the table names the same best first, and the heatmap has a row per slow value
+    text = shown.stdout
+    first_row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["1"])
+    assert first_row[1:3] == [str(best["fast"]), str(best["slow"])], text
+    assert "by fast (columns) and slow (rows)" in text, text
+    for slow in range(10, 70, 10):
+        assert any(line.strip().startswith(str(slow)) for line in text.splitlines()), (slow, text)
