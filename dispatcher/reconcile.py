@@ -31,6 +31,7 @@ import msgspec
 from discovery.base import DiscoveryError, Host
 from dispatcher.engine import DockerEngine
 from dispatcher.errors import KtrdrError, OwnershipLost
+from dispatcher.intake import stored_cancel
 from dispatcher.liveness import live_dispatchers
 from dispatcher.opstore import Owner
 from dispatcher.outcome import OpRun
@@ -39,16 +40,12 @@ from runner import registry
 from runner.errors import UnknownKind
 from runner.protocol import (
     ACTIVE_STATES,
-    EVENTS_STREAM,
     LABEL_ATTEMPT,
     LABEL_CLUSTER,
     LABEL_DISPATCHER,
     LABEL_OP_ID,
-    CancelRequest,
     OpRecord,
-    event_decoder,
     now,
-    op_subject,
 )
 
 if TYPE_CHECKING:
@@ -127,7 +124,7 @@ async def take_over(d: Dispatcher, record: OpRecord) -> None:
         # a sweep has no container: its coordinator starts again here and picks up the
         # children its dead dispatcher listed
         d.coordinate(claimed, owner)
-        request = await _pending_cancel(d, claimed)
+        request = await stored_cancel(d.js, claimed)
         if request is not None:
             await d.request_cancel(claimed.op_id, request)
         return
@@ -183,7 +180,7 @@ async def adopt(d: Dispatcher, record: OpRecord, owner: Owner, host: Host, engin
                 del d.runs[run.op_id]
 
     d.spawn(follow())
-    request = await _pending_cancel(d, record)
+    request = await stored_cancel(d.js, record)
     if request is not None:
         await d.request_cancel(record.op_id, request)
 
@@ -263,22 +260,3 @@ async def _stale(d: Dispatcher, container: dict[str, Any], live: set[str]) -> st
     if same_attempt and record.state in ("placing", "starting") and owner_alive:
         return ""  # being started right now
     return "an attempt the op no longer runs"
-
-
-async def _pending_cancel(d: Dispatcher, record: OpRecord) -> CancelRequest | None:
-    """A cancel intent recorded, or published while no dispatcher listened."""
-    if record.cancel is not None:
-        return CancelRequest(
-            op_id=record.op_id,
-            ts=record.cancel.requested_at,
-            reason=record.cancel.reason,
-            requested_by=record.cancel.requested_by,
-        )
-    try:
-        raw = await d.js.get_last_msg(EVENTS_STREAM, op_subject(record.op_id, "cancel"))
-    except Exception:  # noqa: BLE001 - no cancel request for this op
-        return None
-    if int(raw.seq or 0) <= record.cancel_floor_seq:
-        return None
-    request = event_decoder.decode(raw.data or b"{}")
-    return request if isinstance(request, CancelRequest) else None

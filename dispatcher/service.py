@@ -44,6 +44,7 @@ from dispatcher.config import Config
 from dispatcher.engine import DockerEngine
 from dispatcher.errors import OwnershipLost
 from dispatcher.fleet import Fleet, publish_hosts
+from dispatcher.intake import cancel_before_start, queued_record
 from dispatcher.jetstream import JetStreamHandles
 from dispatcher.joblease import DirectLease, JobLease, QueueLease
 from dispatcher.liveness import DispatcherLease, deployment_id
@@ -57,7 +58,6 @@ from dispatcher.sweep_coordinator import CoordinatorDeps, SweepCoordinator
 from runner.protocol import (
     DISPATCHER_CONSUMER,
     DISPATCHER_PING_SUBJECT,
-    EVENTS_STREAM,
     JOBS_STREAM,
     OPS_SUBJECT_ROOT,
     CancelIntent,
@@ -70,8 +70,6 @@ from runner.protocol import (
     event_decoder,
     job_subject,
     now,
-    op_subject,
-    params_digest,
 )
 
 log = logging.getLogger("ktrdr.dispatcher")
@@ -414,10 +412,10 @@ class Dispatcher:
                 Rejected(unplaceable, field=field, error_type="Unplaceable", job=job),
             )
             return
-        record = await self._queued_record(lease, job, resources, admitted.data_dir)
+        record = await queued_record(self.js, self.store, lease, job, resources, admitted.data_dir)
         if record is None:
             return
-        if await self._cancel_requested_before_start(record):
+        if await cancel_before_start(self.js, self.store, record):
             await lease.ack()
             return
         if admitted.op.coordinated:
@@ -502,55 +500,6 @@ class Dispatcher:
             return False
         return True
 
-    async def _queued_record(
-        self, lease: JobLease, job: Job, resources: Resources, data_dir: str
-    ) -> OpRecord | None:
-        """The op's record in ``queued``: created now, or the existing one (a requeue, or a
-        redelivery of a job still waiting). None when the message needs nothing more."""
-        digest = params_digest(job.params)
-        record = OpRecord(
-            op_id=job.job_id,
-            kind=job.kind,
-            params=job.params,
-            params_digest=digest,
-            resources=resources,
-            timeout_s=job.timeout_s,
-            labels=job.labels,
-            submitted_by=job.submitted_by,
-            data_dir=data_dir,
-            parent_id=job.parent_id,
-            timestamps={"queued": now()},
-            cancel_floor_seq=await self._earlier_op_floor(job.job_id),
-        )
-        if await self.store.create(record):
-            return record
-        existing = await self.store.find(job.job_id)
-        if existing is None:  # expired between the two reads: a new op after all
-            return await self._queued_record(lease, job, resources, data_dir)
-        if existing.kind != job.kind or (existing.params_digest and existing.params_digest != digest):
-            problem = Rejected(
-                f"job_id reused with different params: op {job.job_id} exists ({existing.state}) with "
-                f"kind {existing.kind!r} and other params; pick a new job_id",
-                field="job_id",
-                error_type="JobIdReused",
-            )
-            await reject(self.js, self.store, lease, problem, touch_record=False)
-            return None
-        if existing.state != "queued":
-            log.info("op %s: duplicate job message (op is %s); not started again", job.job_id, existing.state)
-            await lease.ack()
-            return None
-        return existing
-
-    async def _earlier_op_floor(self, op_id: str) -> int:
-        """The event-stream sequence of the last status event of an earlier op with this id
-        (its record expired): cancels up to it were meant for that op."""
-        try:
-            raw = await self.js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "status"))
-        except Exception:  # noqa: BLE001 - no earlier op used this id
-            return 0
-        return int(raw.seq or 0)
-
     async def _place(
         self, lease: JobLease, op_id: str, resources: Resources
     ) -> tuple[Reservation, DockerEngine, OpRecord] | None:
@@ -584,33 +533,6 @@ class Dispatcher:
                     await lease.in_progress()
                 renewed = time.monotonic()
             await self._wait_for_slot(min(1.0, wait_s) if wait_s > 0.05 else 1.0)
-
-    async def _cancel_requested_before_start(self, record: OpRecord) -> bool:
-        """A cancel published before the dispatcher saw the job: never start a container.
-        Requests stored at or below the record's floor were meant for an earlier op."""
-        if record.cancel is None:
-            try:
-                raw = await self.js.get_last_msg(EVENTS_STREAM, op_subject(record.op_id, "cancel"))
-            except Exception:  # noqa: BLE001 - no cancel request for this op
-                return False
-            if int(raw.seq or 0) <= record.cancel_floor_seq:
-                return False
-            request = event_decoder.decode(raw.data or b"{}")
-            if not isinstance(request, CancelRequest):
-                return False
-            intent = CancelIntent(
-                requested_at=request.ts, reason=request.reason, requested_by=request.requested_by
-            )
-        else:
-            intent = record.cancel
-        done = await self.store.transition(
-            record.op_id,
-            "cancelled",
-            allowed_from={"queued"},
-            cancel=intent,
-            message="cancelled before start; no container was created",
-        )
-        return done is not None
 
     # -- cancel ------------------------------------------------------------------------
 

@@ -1,0 +1,118 @@
+"""The op record of an admitted job: created ``queued`` (or found, for a requeue or a
+redelivery), and a cancel published before any dispatcher saw the job honoured before
+anything starts."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+
+from dispatcher.admission import Rejected
+from dispatcher.joblease import JobLease
+from dispatcher.opstore import OpStore
+from dispatcher.rejections import reject
+from runner.protocol import (
+    EVENTS_STREAM,
+    CancelIntent,
+    CancelRequest,
+    Job,
+    OpRecord,
+    Resources,
+    event_decoder,
+    now,
+    op_subject,
+    params_digest,
+)
+
+log = logging.getLogger("ktrdr.dispatcher")
+
+
+async def queued_record(
+    js: JetStreamContext, store: OpStore, lease: JobLease, job: Job, resources: Resources, data_dir: str
+) -> OpRecord | None:
+    """The op's record in ``queued``: created now, or the existing one (a requeue, or a
+    redelivery of a job still waiting). None when the message needs nothing more."""
+    digest = params_digest(job.params)
+    record = OpRecord(
+        op_id=job.job_id,
+        kind=job.kind,
+        params=job.params,
+        params_digest=digest,
+        resources=resources,
+        timeout_s=job.timeout_s,
+        labels=job.labels,
+        submitted_by=job.submitted_by,
+        data_dir=data_dir,
+        parent_id=job.parent_id,
+        timestamps={"queued": now()},
+        cancel_floor_seq=await earlier_op_floor(js, job.job_id),
+    )
+    if await store.create(record):
+        return record
+    existing = await store.find(job.job_id)
+    if existing is None:  # expired between the two reads: a new op after all
+        return await queued_record(js, store, lease, job, resources, data_dir)
+    if existing.kind != job.kind or (existing.params_digest and existing.params_digest != digest):
+        problem = Rejected(
+            f"job_id reused with different params: op {job.job_id} exists ({existing.state}) with "
+            f"kind {existing.kind!r} and other params; pick a new job_id",
+            field="job_id",
+            error_type="JobIdReused",
+        )
+        await reject(js, store, lease, problem, touch_record=False)
+        return None
+    if existing.state != "queued":
+        log.info("op %s: duplicate job message (op is %s); not started again", job.job_id, existing.state)
+        await lease.ack()
+        return None
+    return existing
+
+
+async def earlier_op_floor(js: JetStreamContext, op_id: str) -> int:
+    """The event-stream sequence of the last status event of an earlier op with this id
+    (its record expired): cancels up to it were meant for that op."""
+    try:
+        raw = await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "status"))
+    except Exception:  # noqa: BLE001 - no earlier op used this id
+        return 0
+    return int(raw.seq or 0)
+
+
+async def stored_cancel(js: JetStreamContext, record: OpRecord) -> CancelRequest | None:
+    """The op's cancel intent: recorded, or published while no dispatcher listened (a
+    request stored at or below the record's floor was meant for an earlier op)."""
+    if record.cancel is not None:
+        return CancelRequest(
+            op_id=record.op_id,
+            ts=record.cancel.requested_at,
+            reason=record.cancel.reason,
+            requested_by=record.cancel.requested_by,
+        )
+    try:
+        raw = await js.get_last_msg(EVENTS_STREAM, op_subject(record.op_id, "cancel"))
+    except Exception:  # noqa: BLE001 - no cancel request for this op
+        return None
+    if int(raw.seq or 0) <= record.cancel_floor_seq:
+        return None
+    request = event_decoder.decode(raw.data or b"{}")
+    return request if isinstance(request, CancelRequest) else None
+
+
+async def cancel_before_start(js: JetStreamContext, store: OpStore, record: OpRecord) -> bool:
+    """A cancel published before the dispatcher saw the job: the op ends ``cancelled``
+    and no container is ever created. True when that happened."""
+    request = await stored_cancel(js, record)
+    if request is None:
+        return False
+    intent = record.cancel or CancelIntent(
+        requested_at=request.ts, reason=request.reason, requested_by=request.requested_by
+    )
+    done = await store.transition(
+        record.op_id,
+        "cancelled",
+        allowed_from={"queued"},
+        cancel=intent,
+        message="cancelled before start; no container was created",
+    )
+    return done is not None
