@@ -35,6 +35,15 @@ def add_backtest_parser(sub: Any) -> None:
     p.add_argument("--start", help="first date (ISO, inclusive)")
     p.add_argument("--end", help="last date (ISO, inclusive)")
     p.add_argument("--param", "-p", action="append", metavar="K=V", help="strategy parameter (repeatable)")
+    add_settings_options(p)
+    p.add_argument("--report", type=Path, metavar="FILE.html", help="write a self-contained HTML report")
+    p.add_argument("--no-chart", action="store_true", help="skip the equity and drawdown chart")
+    add_job_options(p)
+    p.set_defaults(handler=cmd_backtest)
+
+
+def add_settings_options(p: argparse.ArgumentParser) -> None:
+    """The backtest settings every backtesting command takes (capital, costs, sizing)."""
     p.add_argument("--capital", type=float, default=100_000.0, help="initial capital (default 100000)")
     p.add_argument("--commission", type=float, default=0.001, help="fraction of notional (default 0.001)")
     p.add_argument("--slippage", type=float, default=0.0005, help="fraction of price (default 0.0005)")
@@ -42,18 +51,11 @@ def add_backtest_parser(sub: Any) -> None:
     p.add_argument("--sizing", choices=["all_in", "fraction"], default="all_in")
     p.add_argument("--fraction", type=float, default=1.0, help="equity fraction with --sizing fraction")
     p.add_argument("--close-at-end", action="store_true", help="close an open position at the last close")
-    p.add_argument("--report", type=Path, metavar="FILE.html", help="write a self-contained HTML report")
-    p.add_argument("--no-chart", action="store_true", help="skip the equity and drawdown chart")
-    add_job_options(p)
-    p.set_defaults(handler=cmd_backtest)
 
 
-async def cmd_backtest(args: argparse.Namespace, config: Config) -> int:
+def settings_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The backtest settings of ``add_settings_options``, and ``--start``/``--end`` when given."""
     params: dict[str, Any] = {
-        "strategy": args.strategy,
-        "symbol": args.symbol,
-        "timeframe": args.timeframe,
-        "strategy_params": parse_pairs(args.param or [], "--param"),
         "initial_capital": args.capital,
         "commission": args.commission,
         "slippage": args.slippage,
@@ -62,10 +64,20 @@ async def cmd_backtest(args: argparse.Namespace, config: Config) -> int:
         "fraction": args.fraction,
         "close_at_end": args.close_at_end,
     }
-    if args.start:
-        params["start"] = args.start
-    if args.end:
-        params["end"] = args.end
+    for name in ("start", "end"):
+        if getattr(args, name, None):
+            params[name] = getattr(args, name)
+    return params
+
+
+async def cmd_backtest(args: argparse.Namespace, config: Config) -> int:
+    params: dict[str, Any] = {
+        "strategy": args.strategy,
+        "symbol": args.symbol,
+        "timeframe": args.timeframe,
+        "strategy_params": parse_pairs(args.param or [], "--param"),
+        **settings_params(args),
+    }
     job = build_job("backtest", params, args)
 
     async def render(client: Client, record: OpRecord) -> None:

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 import msgspec
 
 from dispatcher.config import Config
+from ktrdr_run.cli_backtest import add_settings_options, settings_params
 from ktrdr_run.cli_submit import UsageError, add_job_options, build_job, parse_pairs, submit_and_report
 from ktrdr_run.client import Client
 from ktrdr_run.render import console_for
@@ -92,13 +93,7 @@ def add_sweep_parser(sub: Any) -> None:
         "--validate-start", default="", metavar="DATE", help="re-run the leaders out of sample from DATE"
     )
     p.add_argument("--validate-end", default="", metavar="DATE", help="... up to this date (inclusive)")
-    p.add_argument("--capital", type=float, default=100_000.0, help="initial capital (default 100000)")
-    p.add_argument("--commission", type=float, default=0.001, help="fraction of notional (default 0.001)")
-    p.add_argument("--slippage", type=float, default=0.0005, help="fraction of price (default 0.0005)")
-    p.add_argument("--long-only", action="store_true", help="flat instead of short")
-    p.add_argument("--sizing", choices=["all_in", "fraction"], default="all_in")
-    p.add_argument("--fraction", type=float, default=1.0, help="equity fraction with --sizing fraction")
-    p.add_argument("--close-at-end", action="store_true", help="close an open position at the last close")
+    add_settings_options(p)
     add_job_options(p)
     p.set_defaults(handler=cmd_sweep)
     _accept_dash_value(p, "--maximize")
@@ -218,21 +213,13 @@ def sweep_params(args: argparse.Namespace) -> dict[str, Any]:
         "symbol": args.symbol,
         "timeframe": args.timeframe,
         "strategy_params": shared,
-        "initial_capital": args.capital,
-        "commission": args.commission,
-        "slippage": args.slippage,
-        "long_only": args.long_only,
-        "sizing": args.sizing,
-        "fraction": args.fraction,
-        "close_at_end": args.close_at_end,
+        **settings_params(args),
         "space": space,
         "method": method,
         "maximize": args.maximize.strip(),
         "top_k": args.top,
     }
     optional = {
-        "start": args.start,
-        "end": args.end,
         "constraint": args.constraint.strip(),
         "validate_start": args.validate_start,
         "validate_end": args.validate_end,

@@ -56,7 +56,17 @@ def test_schema_describes_job_and_events() -> None:
     job = doc["$defs"]["Job"]
     assert set(job["required"]) == {"job_id", "kind"}
     assert "timeout_s" in job["properties"]
-    for event in ("status", "progress", "log", "result", "error", "cancel_ack", "heartbeat", "trial", "cancel"):
+    for event in (
+        "status",
+        "progress",
+        "log",
+        "result",
+        "error",
+        "cancel_ack",
+        "heartbeat",
+        "trial",
+        "cancel",
+    ):
         assert f'"{event}"' in text
     assert "ktrdr.jobs.<kind>" in text
 

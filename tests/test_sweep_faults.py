@@ -33,7 +33,10 @@ async def test_a_sweep_killed_with_its_dispatcher_is_finished_by_another_without
     since = time.time()
     first = DispatcherProcess(fault_config(config, "sweep-first"), tmp_state, "sweep-first").start()
     second = DispatcherProcess(fault_config(config, "sweep-second"), tmp_state, "sweep-second")
-    space = {"fast": {"type": "range", "start": 2, "stop": 42}, "slow": {"type": "range", "start": 50, "stop": 66}}
+    space = {
+        "fast": {"type": "range", "start": 2, "stop": 42},
+        "slow": {"type": "range", "start": 50, "stop": 66},
+    }
     sweep_id = f"sweep-kill-{int(since)}"
     params = {"strategy": "sma_cross", "symbol": "DEMO", "space": space, "chunk_size": 40}
     try:

@@ -137,7 +137,7 @@ async def test_random_and_tpe_sweeps_are_reproducible_and_honour_the_constraint(
         "slow": {"type": "random", "low": 10, "high": 120, "kind": "int"},
     }
     base = {"strategy": "sma_cross", "symbol": "GOOG", "space": space, "constraint": "slow >= fast + 10"}
-    runs = [
+    runs: list[tuple[str, int, dict[str, Any]]] = [
         ("random", 7, {"max_tries": 12}),
         ("random", 7, {"max_tries": 12}),
         ("random", 8, {"max_tries": 12}),
@@ -238,16 +238,16 @@ async def test_cancel_cancels_every_child_and_leaves_no_container(
     assert final.state == "cancelled" and final.cancel is not None and final.cancel.reason == "enough"
     assert len(final.children) == 32  # 640 combinations in chunks of 20, all listed at once
     children = await records(config.nats.url, final.children)
-    states = [r["state"] for r in children.values()]
+    ended = [r["state"] for r in children.values()]
     # every child ended: those that had finished stay completed, every other one is cancelled
     odd = {
         c: (r["state"], r.get("error"))
         for c, r in children.items()
         if r["state"] not in ("completed", "cancelled")
     }
-    assert not odd and "cancelled" in states, odd
+    assert not odd and "cancelled" in ended, odd
     assert len(children) == 32, "a listed child never got a record"
-    done = sum(1 for s in states if s == "completed")
+    done = sum(1 for s in ended if s == "completed")
     assert final.result is not None and final.result["done"] == done * 20
     # (no_leftover_containers, through the dispatcher fixture, checks no container is left)
 

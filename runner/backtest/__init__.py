@@ -38,4 +38,6 @@ def check_date_range(kind: str, start: str | None, end: str | None, *, prefix: s
     if first is not None and last is not None and end is not None:
         date_only = len(end.strip()) == 10
         if (last + timedelta(days=1) <= first) if date_only else (last < first):
-            raise InvalidParams(kind, prefix + "end", f"{prefix}end {end!r} is before {prefix}start {start!r}")
+            raise InvalidParams(
+                kind, prefix + "end", f"{prefix}end {end!r} is before {prefix}start {start!r}"
+            )

@@ -64,14 +64,19 @@ class BacktestParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     periods_per_year: Annotated[float, Meta(gt=0, le=1e7)] | None = None
 
 
-def resolve_strategy(params: BacktestParams) -> tuple[Strategy, Any]:
-    """The strategy and its validated params struct; InvalidParams names the bad field."""
+def strategy_for(kind: str, name: str) -> Strategy:
+    """The strategy ``name`` for an op of ``kind``; InvalidParams lists the known ones."""
     from runner.backtest.strategies import UnknownStrategy, get_strategy
 
     try:
-        strategy = get_strategy(params.strategy)
+        return get_strategy(name)
     except UnknownStrategy as exc:
-        raise InvalidParams(KIND, "strategy", str(exc)) from None
+        raise InvalidParams(kind, "strategy", str(exc)) from None
+
+
+def resolve_strategy(params: BacktestParams) -> tuple[Strategy, Any]:
+    """The strategy and its validated params struct; InvalidParams names the bad field."""
+    strategy = strategy_for(KIND, params.strategy)
     try:
         parsed = strategy.parse_params(params.strategy_params, strict=False)
     except msgspec.ValidationError as exc:

@@ -18,7 +18,7 @@ from msgspec import Meta
 
 from runner.backtest import check_date_range
 from runner.errors import InvalidParams, KtrdrRunnerError
-from runner.ops.backtest import BacktestParams, check_bars_for, check_settings
+from runner.ops.backtest import BacktestParams, check_bars_for, check_settings, strategy_for
 from runner.ops.sweep_chunk import MAX_CHUNK
 from runner.registry import operation
 from runner.sweep.constraint import Constraint, ConstraintError, parse_constraint
@@ -69,12 +69,7 @@ class SweepParams(BacktestParams, kw_only=True, forbid_unknown_fields=True, froz
 
 def resolve_strategy(params: SweepParams) -> Strategy:
     """The sweep's strategy; InvalidParams lists the known ones when it is unknown."""
-    from runner.backtest.strategies import UnknownStrategy, get_strategy
-
-    try:
-        return get_strategy(params.strategy)
-    except UnknownStrategy as exc:
-        raise InvalidParams(KIND, "strategy", str(exc)) from None
+    return strategy_for(KIND, params.strategy)
 
 
 def objective_of(params: SweepParams) -> Objective:

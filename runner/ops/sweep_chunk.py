@@ -18,7 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from runner.errors import InvalidParams
-from runner.ops.backtest import BacktestParams, check_settings
+from runner.ops.backtest import BacktestParams, check_settings, strategy_for
 from runner.registry import operation
 from runner.sweep.objective import DEFAULT_MAXIMIZE, ObjectiveError, parse_maximize
 
@@ -51,12 +51,7 @@ class SweepChunkParams(BacktestParams, kw_only=True, forbid_unknown_fields=True,
 
 def resolve_strategy(params: SweepChunkParams) -> Strategy:
     """The chunk's strategy; InvalidParams lists the known ones when it is unknown."""
-    from runner.backtest.strategies import UnknownStrategy, get_strategy
-
-    try:
-        return get_strategy(params.strategy)
-    except UnknownStrategy as exc:
-        raise InvalidParams(KIND, "strategy", str(exc)) from None
+    return strategy_for(KIND, params.strategy)
 
 
 def check_params(params: SweepChunkParams) -> None:
