@@ -22,7 +22,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.nats]
 TERMINAL = {"completed", "failed", "cancelled", "timed_out"}
 
 
-async def test_a_sweep_killed_with_its_dispatcher_is_finished_by_another_without_rerunning_chunks(
+@pytest.mark.parametrize("after", ["restarted", "replaced"])
+async def test_a_sweep_killed_with_its_dispatcher_is_finished_without_rerunning_chunks(
+    after: str,
     config: Config,
     tmp_state: Path,
     docker_client: docker.DockerClient,
@@ -32,12 +34,14 @@ async def test_a_sweep_killed_with_its_dispatcher_is_finished_by_another_without
     url = config.nats.url
     since = time.time()
     first = DispatcherProcess(fault_config(config, "sweep-first"), tmp_state, "sweep-first").start()
-    second = DispatcherProcess(fault_config(config, "sweep-second"), tmp_state, "sweep-second")
+    # the same dispatcher started again (same id), or another one taking the sweep over
+    second_id = "sweep-first" if after == "restarted" else "sweep-second"
+    second = DispatcherProcess(fault_config(config, second_id), tmp_state, f"sweep-{after}")
     space = {
         "fast": {"type": "range", "start": 2, "stop": 42},
         "slow": {"type": "range", "start": 50, "stop": 66},
     }
-    sweep_id = f"sweep-kill-{int(since)}"
+    sweep_id = f"sweep-kill-{after}-{int(since)}"
     params = {"strategy": "sma_cross", "symbol": "DEMO", "space": space, "chunk_size": 40}
     try:
         await publish_jobs(url, [{"job_id": sweep_id, "kind": "sweep", "params": params}])
@@ -60,7 +64,7 @@ async def test_a_sweep_killed_with_its_dispatcher_is_finished_by_another_without
         second.stop()
     record = final[sweep_id]
     assert record["state"] == "completed", (record.get("error"), second.log_tail())
-    assert record["dispatcher"] == second.dispatcher_id  # taken over, not restarted from scratch
+    assert record["dispatcher"] == second.dispatcher_id
     result = record["result"]
     assert result["done"] == result["total"] == 640 and result["failed"] == 0
     assert len(record["children"]) == 16  # 640 in chunks of 40: none re-planned, none added

@@ -13,6 +13,7 @@ import io
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import docker
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.nats]
 backtesting = pytest.importorskip("backtesting")
 from backtesting.test import GOOG  # noqa: E402
 
+from tests.test_backtest_engine import peer_run, ref_sma_cross  # noqa: E402
 from tests.test_sweep_chunk import REL, peer_optimize  # noqa: E402
 
 TERMINAL = {"completed", "failed", "cancelled", "timed_out"}
@@ -305,3 +307,36 @@ async def test_the_sweep_command_one_shot_prints_leaderboard_and_heatmap_and_jso
     assert "by fast (columns) and slow (rows)" in text, text
     for slow in range(10, 70, 10):
         assert any(line.strip().startswith(str(slow)) for line in text.splitlines()), (slow, text)
+
+
+def peer_final_equity(start: str, end: str, fast: int, slow: int) -> float:
+    """backtesting.py's final equity of sma_cross on GOOG from ``start`` to ``end``."""
+    frame = GOOG.loc[start:end]
+    bars = SimpleNamespace(close=frame.Close.to_numpy(float))
+    signals = ref_sma_cross(bars, fast, slow, False)  # type: ignore[arg-type]
+    return float(peer_run(frame, list(signals), commission=0.001, fraction=None)["Equity Final [$]"])
+
+
+async def test_validation_reports_out_of_sample_figures_beside_in_sample(
+    config: Config, dispatcher: RunningDispatcher, data_dir: Path
+) -> None:
+    space = {"fast": {"type": "values", "values": [10, 20]}, "slow": {"type": "values", "values": [30, 50]}}
+    params = {
+        "strategy": "sma_cross", "symbol": "GOOG", "commission": 0.001, "slippage": 0.0, "space": space,
+        "start": "2005-01-01", "end": "2009-12-31", "validate_start": "2010-01-01",
+        "validate_end": "2013-03-01", "top_k": 2,
+    }  # fmt: skip
+    async with Client(config) as client:
+        record = await (await client.submit("sweep", params, data_dir=str(data_dir))).wait(timeout_s=240)
+    assert record.state == "completed", record.error
+    result = record.result or {}
+    assert result["validation"] == {"start": "2010-01-01", "end": "2013-03-01"}
+    board = result["leaderboard"]
+    assert len(board) == 2 and record.children[-1].endswith("-v")
+    for entry in board:
+        fast, slow = entry["params"]["fast"], entry["params"]["slow"]
+        in_sample = await asyncio.to_thread(peer_final_equity, "2005-01-01", "2009-12-31", fast, slow)
+        out_of_sample = await asyncio.to_thread(peer_final_equity, "2010-01-01", "2013-03-01", fast, slow)
+        assert entry["metrics"]["final_equity"] == pytest.approx(in_sample, rel=REL)
+        assert entry["validation"]["final_equity"] == pytest.approx(out_of_sample, rel=REL)
+        assert len(entry["validation"]) == 24
