@@ -208,8 +208,11 @@ class Dispatcher:
                 self._take(QueueLease(msg))
 
     def stop(self) -> None:
-        """Stop taking jobs; :meth:`run` returns once running ops have finished."""
+        """Stop taking jobs; :meth:`run` returns once running ops have finished. Sweeps are
+        let go of (their children still need a queue): the next dispatcher resumes them."""
         self._stopping.set()
+        for coordinator in self.sweeps.values():
+            coordinator.detach()
         self._free_slot()
 
     async def submit_own(self, job: Job) -> None:

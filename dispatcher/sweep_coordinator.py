@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,14 +41,22 @@ from nats.js.object_store import ObjectStore
 from discovery.base import Host
 from dispatcher.errors import OwnershipLost
 from dispatcher.opstore import OpStore, Owner, retrying
-from dispatcher.placement import Placement, need_of
+from dispatcher.placement import Placement
+from dispatcher.sweep_children import (
+    SHARED_RESULT_FIELDS,
+    chunk_id,
+    chunk_job,
+    chunk_range,
+    chunk_size,
+    free_slots,
+    spans,
+    validation_id,
+)
 from dispatcher.sweep_results import Tally, describe
 from dispatcher.sweep_trials import GridSource, Trial, TrialSource, trial_source
 from runner import registry
 from runner.ops.backtest import PARQUET, BacktestParams
 from runner.ops.sweep import SweepParams, objective_of, validation_params
-from runner.ops.sweep_chunk import KIND as CHUNK_KIND
-from runner.ops.sweep_chunk import MAX_CHUNK
 from runner.protocol import (
     TERMINAL_STATES,
     CancelIntent,
@@ -74,9 +80,6 @@ from runner.sweep.space import grid_values
 
 log = logging.getLogger("ktrdr.sweep")
 
-#: The fewest combinations a chunk gets when the capacity alone would split finer:
-#: a container start costs about as much as this many backtests.
-MIN_CHUNK = 32
 #: Seconds between the parent's progress reports.
 PROGRESS_EVERY_S = 0.5
 #: Seconds between polls of the children's records (status events wake the coordinator
@@ -84,28 +87,6 @@ PROGRESS_EVERY_S = 0.5
 POLL_S = 2.0
 #: Seconds the coordinator waits for cancelled children to end before it gives up on them.
 CANCEL_WAIT_S = 60.0
-VALIDATION_SUFFIX = "v"
-
-
-def child_prefix(parent_id: str) -> str:
-    """The start of every child id of a parent, short enough for the id limit (80)."""
-    if len(parent_id) <= 56:
-        return parent_id
-    return f"{parent_id[:47]}-{hashlib.sha256(parent_id.encode()).hexdigest()[:8]}"
-
-
-def chunk_id(parent_id: str, first: int, count: int) -> str:
-    """The id of the child that runs trials ``first`` .. ``first + count - 1``."""
-    return f"{child_prefix(parent_id)}-{first}n{count}"
-
-
-def chunk_range(parent_id: str, child_id: str) -> tuple[int, int] | None:
-    """``(first, count)`` of a chunk child's id; None for another child (validation)."""
-    prefix = child_prefix(parent_id) + "-"
-    first, sep, count = child_id.removeprefix(prefix).partition("n")
-    if not child_id.startswith(prefix) or not sep or not first.isdigit() or not count.isdigit():
-        return None
-    return int(first), int(count)
 
 
 @dataclass
@@ -132,6 +113,10 @@ class _Child:
     published: bool = False
     #: The chunk's result, from its ``result`` event (before its container has exited).
     result: dict[str, Any] | None = None
+
+
+class _Detached(Exception):  # control flow: the coordinator lets go of its sweep
+    pass
 
 
 @dataclass
@@ -164,6 +149,7 @@ class SweepCoordinator:
         #: What every chunk shares (bars, period, settings), from the first completed one.
         self._shared: dict[str, Any] = {}
         self._warnings: list[str] = []
+        self._detached = False
 
     # -- control ------------------------------------------------------------------------
 
@@ -172,6 +158,16 @@ class SweepCoordinator:
         if self._cancel is None:
             self._cancel = _Cancel(intent)
             self._wake.set()
+
+    def detach(self) -> None:
+        """Let go of the sweep (its dispatcher is stopping): it stays ``running``, its
+        children go on, and the dispatcher that takes it over resumes it."""
+        self._detached = True
+        self._wake.set()
+
+    def _check_detached(self) -> None:
+        if self._detached:
+            raise _Detached
 
     @property
     def cancelled(self) -> bool:
@@ -186,6 +182,8 @@ class SweepCoordinator:
             await self._run()
         except OwnershipLost:
             log.info("sweep %s: taken over by another dispatcher; this coordinator stops", self.op_id)
+        except _Detached:
+            log.info("sweep %s: its dispatcher is stopping; left for the next one to resume", self.op_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -237,7 +235,8 @@ class SweepCoordinator:
             covered.update(range(first, first + count))
             round_children.append(child)
         missing = [t for t in trials if t.index not in covered and t.index not in tally.entries]
-        new = self._chunks(missing, await self._free_slots())
+        slots = await free_slots(self.deps.placement, self.deps.hosts(), self.record.resources)
+        new = self._chunks(missing, slots)
         if new:
             await self._list_children([c.op_id for c in new])
             round_children.extend(new)
@@ -252,42 +251,10 @@ class SweepCoordinator:
         await self._await_children(round_children, tally)
 
     def _chunks(self, trials: list[Trial], slots: int) -> list[_Child]:
-        if not trials:
-            return []
-        if self.params.chunk_size:
-            size = self.params.chunk_size
-        else:
-            size = max(MIN_CHUNK, math.ceil(len(trials) / max(1, slots)))
-        size = min(size, MAX_CHUNK)
-        children: list[_Child] = []
-        run: list[Trial] = []
-        for trial in trials:  # chunks are runs of consecutive indexes (the id names the span)
-            if run and (len(run) >= size or trial.index != run[-1].index + 1):
-                children.append(self._child(run))
-                run = []
-            run.append(trial)
-        children.append(self._child(run))
+        size = chunk_size(len(trials), slots, self.params.chunk_size)
+        children = [_Child(chunk_id(self.op_id, run[0].index, len(run)), run) for run in spans(trials, size)]
+        self.children.update((c.op_id, c) for c in children)
         return children
-
-    def _child(self, trials: list[Trial]) -> _Child:
-        child = _Child(chunk_id(self.op_id, trials[0].index, len(trials)), list(trials))
-        self.children[child.op_id] = child
-        return child
-
-    async def _free_slots(self) -> int:
-        """How many chunks the fleet can run at once now (at least 1)."""
-        hosts = self.deps.hosts()
-        need_cpus, need_memory = need_of(self.record.resources)
-        with contextlib.suppress(Exception):
-            await self.deps.placement.refresh_usage(hosts)
-        free = total = 0
-        for host in hosts:
-            used = self.deps.placement.usage(host.name)
-            by_cpu = int((host.cpus - used.cpus) // need_cpus) if need_cpus else 1
-            by_memory = int((host.memory_bytes - used.memory_bytes) // need_memory) if need_memory else by_cpu
-            free += max(0, min(by_cpu, by_memory))
-            total += int(host.cpus // need_cpus) if need_cpus else 1
-        return max(1, free or total)
 
     async def _list_children(self, child_ids: list[str]) -> None:
         """Name new children in the parent's record before their jobs exist, so a
@@ -300,30 +267,8 @@ class SweepCoordinator:
         await self.deps.store.update(self.op_id, mutate, owner=self.owner)
         self._listed.extend(c for c in child_ids if c not in self._listed)
 
-    def _child_params(self, trials: list[Trial], settings: Any | None = None) -> dict[str, Any]:
-        base = msgspec.to_builtins(settings if settings is not None else self.params)
-        assert isinstance(base, dict)
-        fields = {k: base[k] for k in base if k in _CHUNK_SETTINGS}
-        fields.update(
-            combinations=[t.params for t in trials],
-            first_index=trials[0].index,
-            maximize=self.params.maximize,
-        )
-        return fields
-
-    async def _publish_child(self, child: _Child, settings: Any | None = None) -> None:
-        record = self.record
-        job = Job(
-            job_id=child.op_id,
-            kind=CHUNK_KIND,
-            params=self._child_params(child.trials, settings),
-            resources=record.resources,
-            labels={**record.labels, "sweep": self.op_id},
-            submitted_by=record.submitted_by,
-            data_dir=record.data_dir,
-            parent_id=self.op_id,
-        )
-        await self.deps.submit(job)
+    async def _publish_child(self, child: _Child, settings: BacktestParams | None = None) -> None:
+        await self.deps.submit(chunk_job(self.record, self.params, child.op_id, child.trials, settings))
         child.published = True
         log.info("sweep %s: child %s submitted (%d combinations)", self.op_id, child.op_id, len(child.trials))
 
@@ -339,6 +284,7 @@ class SweepCoordinator:
         waited_since: float | None = None
         try:
             while True:
+                self._check_detached()
                 # cleared before reading: a status event from here on wakes the wait below
                 self._wake.clear()
                 pending = [c for c in children if not c.collected]
@@ -422,7 +368,7 @@ class SweepCoordinator:
 
     def _remember_shared(self, result: dict[str, Any]) -> None:
         if not self._shared:
-            self._shared = {k: result[k] for k in _SHARED_RESULT_FIELDS if k in result}
+            self._shared = {k: result[k] for k in SHARED_RESULT_FIELDS if k in result}
         for warning in result.get("warnings") or []:
             if warning not in self._warnings:
                 self._warnings.append(warning)
@@ -489,7 +435,7 @@ class SweepCoordinator:
         if not board:
             return {}
         trials = [Trial(row["index"], row["params"]) for row in board]
-        child = _Child(f"{child_prefix(self.op_id)}-{VALIDATION_SUFFIX}", trials)
+        child = _Child(validation_id(self.op_id), trials)
         self.children[child.op_id] = child
         if child.op_id not in self._listed:
             await self._list_children([child.op_id])
@@ -513,6 +459,7 @@ class SweepCoordinator:
         try:
             cancel_sent = False
             while True:
+                self._check_detached()
                 self._wake.clear()
                 record = await self.deps.store.find(child.op_id)
                 if record is not None and record.terminal:
@@ -575,6 +522,7 @@ class SweepCoordinator:
         deadline = time.monotonic() + CANCEL_WAIT_S
         pending = list(self.children)
         while pending and time.monotonic() < deadline:
+            self._check_detached()
             ended = []
             for child_id in pending:
                 record = await self.deps.store.find(child_id)
@@ -628,19 +576,3 @@ def _summary(result: dict[str, Any]) -> str:
     if best:
         text += f", best {result['maximize']}={best['value']:.6g} ({describe(best['params'])})"
     return text
-
-
-# The backtest settings a chunk takes from its sweep.
-_CHUNK_SETTINGS = frozenset(BacktestParams.__struct_fields__)
-# What a chunk's result says of the settings every chunk shares.
-_SHARED_RESULT_FIELDS = (
-    "symbol",
-    "timeframe",
-    "strategy",
-    "settings",
-    "period",
-    "bars",
-    "data_source",
-    "synthetic_data",
-    "periods_per_year",
-)

@@ -9,7 +9,7 @@ import io
 import pandas as pd
 import pytest
 
-from dispatcher.sweep_coordinator import child_prefix, chunk_id, chunk_range
+from dispatcher.sweep_children import child_prefix, chunk_id, chunk_range
 from dispatcher.sweep_results import Tally
 from dispatcher.sweep_trials import GridSource, round_sizes, trial_source
 from runner import registry

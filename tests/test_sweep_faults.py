@@ -13,7 +13,7 @@ import pytest
 
 from dispatcher.config import Config
 from dispatcher.jetstream import JetStreamHandles
-from dispatcher.sweep_coordinator import chunk_range
+from dispatcher.sweep_children import chunk_range
 from tests.conftest import creations
 from tests.faults import DispatcherProcess, fault_config, publish_jobs, records, wait_states
 

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from dispatcher.config import Config
-from dispatcher.sweep_coordinator import chunk_range
+from dispatcher.sweep_children import chunk_range
 from ktrdr_run import Client
 from ktrdr_run.errors import InvalidJob
 from runner.protocol import TrialEvent
