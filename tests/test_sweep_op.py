@@ -90,6 +90,8 @@ async def test_grid_sweep_ranks_as_backtesting_py_optimize_across_several_childr
 
         # containers were really used: several chunk children, each linked to the sweep
         assert len(record.children) == 3, record.children
+        # the sweep completes on its chunks' results; their containers exit just after
+        await wait_states(config.nats.url, record.children, {"completed"}, 60)
         children = [await client.op(c).record() for c in record.children]
         assert all(c.kind == "sweep_chunk" and c.parent_id == op.op_id for c in children)
         assert all(c.state == "completed" and c.container_id for c in children)
