@@ -35,7 +35,7 @@ from ktrdr_run.cli_submit import (
     parse_pairs,
     submit_and_report,
 )
-from ktrdr_run.cli_sweep import add_sweep_parser
+from ktrdr_run.cli_sweep import add_sweep_parser, join_dash_value
 from ktrdr_run.cli_train import add_train_parser
 from ktrdr_run.errors import ArtifactCorrupt, ArtifactNotFound, InvalidJob, WaitTimeout
 from ktrdr_run.session import Session
@@ -212,9 +212,15 @@ ERROR_EXIT: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], i
 )
 
 
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line (``--maximize -max_drawdown`` read as a value, which
+    argparse alone would take for an option)."""
+    return build_parser().parse_args(join_dash_value(argv, "--maximize"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ktrdr-run`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(sys.argv[1:] if argv is None else argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -96,7 +96,6 @@ def add_sweep_parser(sub: Any) -> None:
     add_settings_options(p)
     add_job_options(p)
     p.set_defaults(handler=cmd_sweep)
-    _accept_dash_value(p, "--maximize")
 
 
 def join_dash_value(args: Sequence[str], option: str) -> list[str]:
@@ -115,22 +114,6 @@ def join_dash_value(args: Sequence[str], option: str) -> list[str]:
         out.append(arg)
         i += 1
     return out
-
-
-def _accept_dash_value(parser: argparse.ArgumentParser, option: str) -> None:
-    # The subcommand's parser is built by the shared subparsers action (whatever class it
-    # uses); a subclass of that class joins the value before argparse sees it.
-    base = type(parser)
-
-    def parse_known_args(
-        self: argparse.ArgumentParser,
-        args: Sequence[str] | None = None,
-        namespace: argparse.Namespace | None = None,
-    ) -> tuple[argparse.Namespace, list[str]]:
-        given = sys.argv[1:] if args is None else args
-        return base.parse_known_args(self, join_dash_value(given, option), namespace)
-
-    parser.__class__ = type(base.__name__, (base,), {"parse_known_args": parse_known_args})
 
 
 def parse_space_args(grid: Sequence[str], random: Sequence[str]) -> dict[str, dict[str, Any]]:

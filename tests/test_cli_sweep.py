@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from ktrdr_run import cli_sweep
-from ktrdr_run.cli import build_parser, main
+from ktrdr_run.cli import main, parse_command_line
 from ktrdr_run.cli_submit import UsageError, build_job
 from ktrdr_run.cli_sweep import join_dash_value, print_sweep, sweep_params
 from ktrdr_run.sweep_view import (
@@ -30,7 +30,7 @@ BASE = ["sweep", "--strategy", "sma_cross", "--symbol", "DEMO"]
 
 
 def parse(*extra: str) -> argparse.Namespace:
-    return build_parser().parse_args([*BASE, *extra])
+    return parse_command_line([*BASE, *extra])
 
 
 def params(*extra: str) -> dict[str, Any]:
