@@ -113,6 +113,8 @@ class _Child:
     published: bool = False
     #: The chunk's result, from its ``result`` event (before its container has exited).
     result: dict[str, Any] | None = None
+    #: A status event came since its record was last read.
+    dirty: bool = True
 
 
 class _Detached(Exception):  # control flow: the coordinator lets go of its sweep
@@ -282,6 +284,7 @@ class SweepCoordinator:
         ]
         cancel_sent = False
         waited_since: float | None = None
+        polled = time.monotonic()
         try:
             while True:
                 self._check_detached()
@@ -298,11 +301,19 @@ class SweepCoordinator:
                 if waited_since is not None and time.monotonic() - waited_since > CANCEL_WAIT_S:
                     log.warning("sweep %s: %d child op(s) did not end after cancel", self.op_id, len(pending))
                     return
+                # records are read when a status event says they changed, and all of them
+                # every POLL_S (events missed while NATS was away)
+                poll = time.monotonic() - polled >= POLL_S
+                if poll:
+                    polled = time.monotonic()
                 for child in pending:
                     if child.result is not None:
                         # the results are in: the container's exit is the child's business
                         await self._take(child, "completed", child.result, "", tally)
                         continue
+                    if not (poll or child.dirty):
+                        continue
+                    child.dirty = False
                     record = await self.deps.store.find(child.op_id)
                     if record is None:
                         if not child.published:
@@ -336,6 +347,7 @@ class SweepCoordinator:
             child.result = event.result
             self._wake.set()
         elif isinstance(event, StatusEvent):
+            child.dirty = True
             self._wake.set()
 
     async def _collect(self, child: _Child, record: OpRecord, tally: Tally) -> None:
