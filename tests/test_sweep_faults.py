@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.nats]
 TERMINAL = {"completed", "failed", "cancelled", "timed_out"}
 
 
-@pytest.mark.parametrize("after", ["restarted", "replaced"])
-async def test_a_sweep_killed_with_its_dispatcher_is_finished_without_rerunning_chunks(
+@pytest.mark.parametrize("after", ["restarted", "replaced", "stopped"])
+async def test_a_sweep_whose_dispatcher_dies_is_finished_without_rerunning_chunks(
     after: str,
     config: Config,
     tmp_state: Path,
@@ -34,8 +34,9 @@ async def test_a_sweep_killed_with_its_dispatcher_is_finished_without_rerunning_
     url = config.nats.url
     since = time.time()
     first = DispatcherProcess(fault_config(config, "sweep-first"), tmp_state, "sweep-first").start()
-    # the same dispatcher started again (same id), or another one taking the sweep over
-    second_id = "sweep-first" if after == "restarted" else "sweep-second"
+    # kill -9, then the same dispatcher started again (same id) or another one taking the
+    # sweep over; or a clean stop (SIGTERM), which must not wait for the sweep to end
+    second_id = "sweep-second" if after == "replaced" else "sweep-first"
     second = DispatcherProcess(fault_config(config, second_id), tmp_state, f"sweep-{after}")
     space = {
         "fast": {"type": "range", "start": 2, "stop": 42},
@@ -55,7 +56,13 @@ async def test_a_sweep_killed_with_its_dispatcher_is_finished_without_rerunning_
                 break
             assert time.monotonic() < deadline, (parent.get("state"), first.log_tail())
             await asyncio.sleep(0.1)
-        first.kill()
+        if after == "stopped":
+            stopping = time.monotonic()
+            assert first.stop(timeout_s=60) == 0, first.log_tail()
+            assert time.monotonic() - stopping < 30, "a clean stop waited for the sweep"
+            assert "left for the next one to resume" in first.log_path.read_text(), first.log_tail()
+        else:
+            first.kill()
         assert parent["state"] == "running" and parent["dispatcher"] == first.dispatcher_id
         second.start()
         final = await wait_states(url, [sweep_id], TERMINAL, 240, why=second.log_tail())
