@@ -56,11 +56,22 @@ def free_port() -> int:
 class EmbeddedNats:
     """A nats-server child process with JetStream and its own store directory."""
 
-    def __init__(self, store_dir: Path, port: int, *, host: str = "0.0.0.0", sync_always: bool = False):
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int,
+        *,
+        host: str = "0.0.0.0",
+        sync_always: bool = False,
+        trust: str = "",
+    ):
         self.store_dir = store_dir
         self.port = port
         self.host = host
         self.sync_always = sync_always
+        #: The operator-mode block (:meth:`dispatcher.authority.Authority.trust_block`);
+        #: "" = no authentication.
+        self.trust = trust
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,7 +87,9 @@ class EmbeddedNats:
             f'server_name: "ktrdr-embedded-{self.port}"\n'
             f'listen: "{self.host}:{self.port}"\n'
             f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"{sync}\n}}\n'
+            f"{self.trust}"
         )
+        conf.chmod(0o600)  # with a trust block it holds the account JWTs
         return conf
 
     async def start(self, timeout_s: float = 10.0) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable
 from dispatcher.config import Config, load_config
 from dispatcher.errors import ConfigError, KtrdrError, OpNotFound
 from ktrdr_run.cli_args import global_options_parser
+from ktrdr_run.cli_auth import add_auth_parsers
 from ktrdr_run.cli_backtest import add_backtest_parser
 from ktrdr_run.cli_hosts import add_hosts_parsers
 from ktrdr_run.cli_ops import add_ops_parsers
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_images_build)
 
     add_hosts_parsers(sub)
+    add_auth_parsers(sub)
 
     p = sub.add_parser("dashboard", help="live dashboard of ops and hosts (Textual)")
     p.add_argument("--read-only", action="store_true", help="disable cancelling from the dashboard")

@@ -32,6 +32,7 @@ from dispatcher.jetstream import JetStreamHandles, SetupMode, connect, ensure_je
 from dispatcher.opstore import OpStore
 from runner.protocol import (
     DISPATCHER_PING_SUBJECT,
+    EVENTS_STREAM,
     TERMINAL_STATES,
     CancelRequest,
     DispatcherInfo,
@@ -225,7 +226,10 @@ class Session:
         status event when ``until_terminal``."""
         assert self.handles is not None
         sub = await self.handles.js.subscribe(
-            op_events_filter(op_id), ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
+            op_events_filter(op_id),
+            stream=EVENTS_STREAM,  # named: no lookup by subject
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL,
         )
         try:
             async for msg in sub.messages:

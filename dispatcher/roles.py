@@ -1,0 +1,102 @@
+"""Who may do what on NATS: the least-privilege permission set of each role.
+
+- ``dispatcher``: everything the service does (its account's whole subject space).
+- ``submitter``: publish jobs and cancel requests, ask whether a dispatcher answers, and
+  read what an observer reads; no KV writes, no stream or consumer management beyond the
+  ephemeral consumers that reading needs.
+- ``observer``: read op records, hosts, dispatchers, events and artifacts; publish
+  nothing but its reads.
+- ``runner``: one op's container: publish that op's own events (never ``status`` or
+  ``cancel``), hear that op's cancel subject and its own inbox, read the event stream's
+  last cancel for that op, and read artifacts (a model op loads one).
+
+JetStream reads go through its API subjects (``$JS.API.*``): stream info, direct and
+message gets, and ephemeral consumers on the streams a role may read. Replies come to an
+inbox: ``_INBOX.>`` for people's tools, a per-op inbox prefix for a runner, so one
+container cannot read another's replies.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from dispatcher.natsjwt import Permissions
+from runner.protocol import (
+    ARTIFACTS_BUCKET,
+    DISPATCHER_PING_SUBJECT,
+    DISPATCHERS_BUCKET,
+    EVENTS_STREAM,
+    HOSTS_BUCKET,
+    JOBS_SUBJECT_ROOT,
+    OPS_BUCKET,
+    OPS_SUBJECT_ROOT,
+)
+
+Role = Literal["dispatcher", "submitter", "observer", "runner"]
+PERSON_ROLES: tuple[Role, ...] = ("submitter", "observer")
+#: The events a runner publishes for its own op.
+RUNNER_EVENTS = ("progress", "log", "result", "error", "cancel_ack", "heartbeat")
+#: The streams a reader may read (the event stream, the KV buckets, the object store).
+READABLE_STREAMS = (
+    EVENTS_STREAM,
+    f"KV_{OPS_BUCKET}",
+    f"KV_{HOSTS_BUCKET}",
+    f"KV_{DISPATCHERS_BUCKET}",
+    f"OBJ_{ARTIFACTS_BUCKET}",
+)
+
+
+def runner_inbox(op_id: str) -> str:
+    """The inbox prefix of one op's runner (its replies arrive under it)."""
+    return f"_INBOX_{op_id}"
+
+
+def _read_api(streams: tuple[str, ...]) -> tuple[str, ...]:
+    subjects = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
+    for stream in streams:
+        subjects += [
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+            # ephemeral consumers that reading (watch, follow, object get) creates
+            f"$JS.API.CONSUMER.CREATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.*",
+            f"$JS.API.CONSUMER.DELETE.{stream}.*",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
+            f"$JS.ACK.{stream}.>",
+            f"$JS.FC.{stream}.>",
+        ]
+    return tuple(subjects)
+
+
+def _reader(extra_pub: tuple[str, ...] = ()) -> Permissions:
+    return Permissions(
+        pub_allow=(*_read_api(READABLE_STREAMS), DISPATCHER_PING_SUBJECT, *extra_pub),
+        sub_allow=("_INBOX.>",),
+    )
+
+
+def permissions(role: Role, op_id: str = "") -> Permissions:
+    """The permission set of ``role`` (``op_id`` names a runner's op)."""
+    if role == "dispatcher":
+        return Permissions(pub_allow=(">",), sub_allow=(">",), responses=True)
+    if role == "observer":
+        return _reader()
+    if role == "submitter":
+        return _reader((f"{JOBS_SUBJECT_ROOT}.>", f"{OPS_SUBJECT_ROOT}.*.cancel"))
+    if role == "runner":
+        if not op_id:
+            raise ValueError("a runner's permissions name its op")
+        inbox = runner_inbox(op_id)
+        return Permissions(
+            pub_allow=(
+                *(f"{OPS_SUBJECT_ROOT}.{op_id}.{event}" for event in RUNNER_EVENTS),
+                # its own op's last cancel (a direct get by subject), nothing else of the stream
+                f"$JS.API.DIRECT.GET.{EVENTS_STREAM}.{OPS_SUBJECT_ROOT}.{op_id}.cancel",
+                *_read_api((f"OBJ_{ARTIFACTS_BUCKET}",)),
+            ),
+            sub_allow=(f"{OPS_SUBJECT_ROOT}.{op_id}.cancel", f"{inbox}.>"),
+        )
+    raise ValueError(f"unknown role {role!r}")
