@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -89,7 +90,10 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
         config = Config(
             state_dir=str(state),
             nats=NatsConfig(url=server.url, embedded=False),
-            dispatcher=dispatcher_config or DispatcherConfig(),
+            # the benchmarks' data directories are temporary directories
+            dispatcher=msgspec.structs.replace(
+                dispatcher_config or DispatcherConfig(), data_roots=[tempfile.gettempdir()]
+            ),
         )
         # the bench runs the dispatcher itself: it sets JetStream up like the service does
         async with Session(config, need_dispatcher=False, setup="apply") as session:

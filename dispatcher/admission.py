@@ -50,9 +50,12 @@ class Admitted:
     reads: dict[str, str]
 
 
-def validate_job(subject: str, data: bytes, config: Config) -> Admitted:
+def validate_job(subject: str, data: bytes, config: Config, *, own_job: bool = False) -> Admitted:
     """Decode and validate a job message against its kind (and, where the dispatcher can
     see them, the op's input data); Rejected says what is wrong and where.
+
+    ``own_job``: the job was published by this same command (a one-shot dispatcher), so
+    the data directory its user named needs no allowed root.
 
     Blocking (a preflight may read a data file): run it off the event loop."""
     subject_kind = subject[len(JOBS_SUBJECT_ROOT) + 1 :]
@@ -74,7 +77,7 @@ def validate_job(subject: str, data: bytes, config: Config) -> Admitted:
         where = f"params.{exc.field}" if exc.field else "params"
         raise Rejected(str(exc), field=where, error_type="InvalidParams", job=job) from None
     try:
-        data_dir = resolve_data_dir(job, config)
+        data_dir = resolve_data_dir(job, config, own_job=own_job)
     except Rejected as exc:
         exc.job = job
         raise
@@ -90,29 +93,44 @@ def validate_job(subject: str, data: bytes, config: Config) -> Admitted:
     return Admitted(job, op, data_dir, reads)
 
 
-def resolve_data_dir(job: Job, config: Config) -> str:
-    """The host directory to mount read-only at /data for this job ("" = none)."""
+def data_roots(config: Config) -> list[Path]:
+    """The directories a job's ``data_dir`` must lie under: ``[dispatcher] data_roots``, or
+    by default the dispatcher's own ``data_dir`` alone (none when neither is set)."""
+    raw = config.dispatcher.data_roots or ([config.dispatcher.data_dir] if config.dispatcher.data_dir else [])
+    return [Path(r).expanduser().resolve() for r in raw]
+
+
+def resolve_data_dir(job: Job, config: Config, *, own_job: bool = False) -> str:
+    """The host directory to mount read-only at /data for this job ("" = none).
+
+    The confinement comes first, on the path with its links resolved: a directory outside
+    the allowed roots is refused without saying whether it exists or what it holds.
+    """
     raw = job.data_dir or config.dispatcher.data_dir
     if not raw:
         return ""
     path = Path(raw).expanduser()
     if not path.is_absolute():
-        raise Rejected(
-            f"data_dir {raw!r} must be an absolute path on the dispatcher's host", field="data_dir"
-        )
+        raise Rejected("data_dir must be an absolute path on the dispatcher's host", field="data_dir")
     path = path.resolve()
+    if job.data_dir and not own_job:
+        roots = data_roots(config)
+        if not roots:
+            raise Rejected(
+                "data_dir: this dispatcher allows no job data directories; its operator sets "
+                "[dispatcher] data_dir (the default root) or data_roots",
+                field="data_dir",
+            )
+        if not any(path == root or root in path.parents for root in roots):
+            raise Rejected(
+                f"data_dir is outside the allowed data roots ({', '.join(map(str, roots))})", field="data_dir"
+            )
     if not path.is_dir():
         raise Rejected(f"data_dir {raw!r} is not a directory on the dispatcher's host", field="data_dir")
     if path.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
         raise Rejected(
             f"data_dir {raw!r} is not readable by the container user {RUNNER_USER} "
             f"(mode {stat.filemode(path.stat().st_mode)}); run: chmod o+rx {path}",
-            field="data_dir",
-        )
-    roots = [Path(r).expanduser().resolve() for r in config.dispatcher.data_roots]
-    if roots and not any(path == root or root in path.parents for root in roots):
-        raise Rejected(
-            f"data_dir {raw!r} is outside the allowed data roots ({', '.join(map(str, roots))})",
             field="data_dir",
         )
     return str(path)

@@ -380,7 +380,9 @@ class Dispatcher:
 
     async def _accept(self, lease: JobLease) -> None:
         try:
-            admitted = await asyncio.to_thread(validate_job, lease.subject, lease.data, self.config)
+            admitted = await asyncio.to_thread(
+                validate_job, lease.subject, lease.data, self.config, own_job=self.own_only
+            )
         except Rejected as exc:
             await reject(self.js, self.store, lease, exc)
             return

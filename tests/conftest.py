@@ -198,6 +198,8 @@ def config(nats_server: EmbeddedNats, tmp_state: Path) -> Config:
             heartbeat_s=1.0,
             progress_record_interval_s=0.2,
             ack_wait_s=10.0,
+            # the tests' data directories are made under the test's state directory
+            data_roots=[str(tmp_state)],
         ),
     )
 
