@@ -43,6 +43,7 @@ from runner.protocol import (
     OPS_SUBJECT_ROOT,
     REJECTED_SUBJECT_ROOT,
     RESERVATIONS_BUCKET,
+    redact_url,
 )
 
 log = logging.getLogger("ktrdr.jetstream")
@@ -86,7 +87,9 @@ async def connect(
     try:
         return await asyncio.wait_for(nats.connect(url, **options), timeout=connect_timeout_s * 3)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        raise NatsUnavailable(f"no NATS server answers at {url}: {exc or type(exc).__name__}") from None
+        raise NatsUnavailable(
+            f"no NATS server answers at {redact_url(url)}: {exc or type(exc).__name__}"
+        ) from None
 
 
 async def _check_listening(url: str, timeout_s: float) -> None:
@@ -97,7 +100,9 @@ async def _check_listening(url: str, timeout_s: float) -> None:
             asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout_s
         )
     except (OSError, TimeoutError) as exc:
-        raise NatsUnavailable(f"no NATS server answers at {url}: {exc or type(exc).__name__}") from None
+        raise NatsUnavailable(
+            f"no NATS server answers at {redact_url(url)}: {exc or type(exc).__name__}"
+        ) from None
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
@@ -427,10 +432,11 @@ async def ensure_jetstream(nc: NATS, config: Config, *, mode: SetupMode = "bind"
         if setup.missing:
             url = _server_url(nc)
             total = len(_stream_configs(config)) + len(buckets) + 1
+            where = redact_url(url)
             if len(setup.missing) == total:
-                raise JetStreamSetupError(f"no ktrdr-run streams on the NATS server at {url}: {SETUP_HINT}")
+                raise JetStreamSetupError(f"no ktrdr-run streams on the NATS server at {where}: {SETUP_HINT}")
             raise JetStreamSetupError(
-                f"the NATS server at {url} lacks ktrdr-run's {', '.join(setup.missing)}: {SETUP_HINT}"
+                f"the NATS server at {where} lacks ktrdr-run's {', '.join(setup.missing)}: {SETUP_HINT}"
             )
         await setup.consumer(dispatcher_consumer_config(config))
         handles = JetStreamHandles(

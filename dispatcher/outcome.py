@@ -28,6 +28,7 @@ from runner.protocol import (
     ProgressSnapshot,
     ResultEvent,
     now,
+    redact_url,
 )
 
 
@@ -108,7 +109,7 @@ def classify(run: OpRun, ending: ContainerExit, exit_code: int) -> tuple[str, di
         not run.seen_runner and exit_code == EXIT_RUNNER_UNREACHABLE and run.result is None
     ):
         said = next((line for line in reversed(ending.log_tail) if "cannot reach NATS" in line), "")
-        message = run.abort_message or f"the runner could not reach NATS at {run.runner_url}"
+        message = run.abort_message or f"the runner could not reach NATS at {redact_url(run.runner_url)}"
         if said and said not in message:
             message = f"{message} (the runner said: {said.removeprefix('runner: ')})"
         fields["error"] = ErrorInfo(reason="runner_unreachable", message=message)

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from dispatcher.engine import DockerEngine, hardened_host_config
 from dispatcher.errors import InfrastructureError
-from runner.protocol import LABEL_CLUSTER, LABEL_OP_ID, Resources
+from runner.protocol import LABEL_CLUSTER, LABEL_OP_ID, Resources, redact_url
 
 log = logging.getLogger("ktrdr.reachability")
 
@@ -85,7 +85,8 @@ async def check_from_container(engine: DockerEngine, image: str, url: str, deplo
             return ""
         output = await engine.call(engine.api.logs, container_id, stdout=True, stderr=True)
         said = output.decode("utf-8", "replace").strip().splitlines()
-        return f"containers on {engine.name} cannot reach NATS at {url} ({said[-1] if said else 'no answer'})"
+        last = said[-1] if said else "no answer"
+        return f"containers on {engine.name} cannot reach NATS at {redact_url(url)} ({last})"
     except InfrastructureError as exc:
         log.info("reachability check on %s could not run: %s", engine.name, exc)
         return ""
@@ -106,6 +107,6 @@ async def problem(engine: DockerEngine, url: str, *, image: str | None, deployme
         host, port = _host_port(url)
         if await asyncio.to_thread(_answers, host, port):
             return ""
-        return f"containers may not reach NATS at {url}: {await asyncio.to_thread(hint, url)}"
+        return f"containers may not reach NATS at {redact_url(url)}: {await asyncio.to_thread(hint, url)}"
     found = await check_from_container(engine, image, url, deployment)
     return f"{found}; {await asyncio.to_thread(hint, url)}" if found else ""

@@ -61,6 +61,7 @@ from runner.protocol import (
     now,
     op_events_filter,
     op_subject,
+    redact_url,
 )
 
 log = logging.getLogger("ktrdr.supervisor")
@@ -353,8 +354,8 @@ class Supervisor:
             if not run.seen_runner and silent_s > cfg.runner_ready_s:
                 run.abort(
                     "runner_unreachable",
-                    f"the runner did not reach NATS at {run.runner_url} within {cfg.runner_ready_s:g}s "
-                    f"of its container starting",
+                    f"the runner did not reach NATS at {redact_url(run.runner_url)} within "
+                    f"{cfg.runner_ready_s:g}s of its container starting",
                 )
                 return
             if run.seen_runner and silent_s > cfg.heartbeat_timeout_s:

@@ -47,6 +47,7 @@ from runner.protocol import (
     now,
     op_events_filter,
     op_subject,
+    redact_url,
 )
 
 log = logging.getLogger("ktrdr.session")
@@ -122,7 +123,7 @@ class Session:
                 raise
             port = urlparse(cfg.url).port or 4222
             store = Path(cfg.store_dir).expanduser() if cfg.store_dir else self.config.state_path() / "nats"
-            self._say(f"no NATS at {cfg.url}: starting an embedded nats-server (store {store})")
+            self._say(f"no NATS at {redact_url(cfg.url)}: starting an embedded nats-server (store {store})")
             self.embedded = EmbeddedNats(store, port, sync_always=cfg.embedded_sync == "always")
             await self.embedded.start()
             self.nc = await connect(

@@ -44,6 +44,7 @@ from runner.protocol import (
     event_decoder,
     now,
     op_subject,
+    redact_url,
 )
 from runner.sdk import CancelToken, OpContext
 
@@ -203,7 +204,7 @@ async def connect(spec: RunnerSpec) -> NATS:
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         why = last_error[-1] if last_error else (str(exc) or type(exc).__name__)
         raise NatsUnreachable(
-            f"cannot reach NATS at {spec.nats_url} within {spec.ready_s:g}s ({why})"
+            f"cannot reach NATS at {redact_url(spec.nats_url)} within {spec.ready_s:g}s ({why})"
         ) from None
 
 

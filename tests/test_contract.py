@@ -20,6 +20,7 @@ from runner.protocol import (
     event_decoder,
     job_decoder,
     params_digest,
+    redact_url,
     schema,
 )
 
@@ -116,3 +117,16 @@ def test_config_is_strict_and_substitutes_env(tmp_path: Path) -> None:
         load_config(path, env={})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+        ("nats://ktrdr:s3cret@10.0.0.5:4222", "nats://ktrdr:***@10.0.0.5:4222"),
+        ("tls://tok3n@nats.lab:4222", "tls://***@nats.lab:4222"),
+        ("nats://a:pw@n1:4222,nats://a:pw@n2:4222", "nats://a:***@n1:4222,nats://a:***@n2:4222"),
+    ],
+)
+def test_urls_lose_their_secrets_before_anyone_sees_them(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
