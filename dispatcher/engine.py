@@ -75,6 +75,37 @@ def connect_docker(url: str = "", *, timeout_s: float = 60.0, pool_size: int = 3
         ) from None
 
 
+#: The network op containers join on every engine: a bridge with inter-container traffic
+#: off, so a container reaches its host's gateway (NATS) but no other container.
+RUNNER_NETWORK = "ktrdr-runners"
+
+
+def ensure_runner_network(api: docker.APIClient, engine_name: str) -> str:
+    """Create the runners' network on an engine if it is missing; its gateway (the host
+    as containers there see it). Blocking."""
+    try:
+        network = api.inspect_network(RUNNER_NETWORK)
+    except docker.errors.NotFound:
+        with contextlib.suppress(docker.errors.APIError):  # created by a peer meanwhile
+            api.create_network(
+                RUNNER_NETWORK,
+                driver="bridge",
+                options={"com.docker.network.bridge.enable_icc": "false"},
+                labels={"ktrdr.network": "runners"},
+            )
+        network = api.inspect_network(RUNNER_NETWORK)
+    options = network.get("Options") or {}
+    if options.get("com.docker.network.bridge.enable_icc") != "false":
+        raise InfrastructureError(
+            f"engine {engine_name}: network {RUNNER_NETWORK} lets containers reach one another "
+            f"(enable_icc is not false); remove it (docker network rm {RUNNER_NETWORK}) to have it remade"
+        )
+    for cfg in network.get("IPAM", {}).get("Config") or []:
+        if cfg.get("Gateway"):
+            return str(cfg["Gateway"])
+    raise InfrastructureError(f"engine {engine_name}: network {RUNNER_NETWORK} has no gateway address")
+
+
 def hardened_host_config(
     api: docker.APIClient,
     resources: Resources,
@@ -83,8 +114,10 @@ def hardened_host_config(
     scratch_mb: int,
     data_dir: str = "",
     device_requests: list[docker.types.DeviceRequest] | None = None,
+    network: str = RUNNER_NETWORK,
 ) -> dict[str, Any]:
-    """The host config every op container gets: no privileges, read-only root, limits."""
+    """The host config every op container gets: no privileges, read-only root, limits,
+    and the runners' own network (containers there cannot reach one another)."""
     memory_bytes = int((resources.memory_gb or 1.0) * 1024**3)
     binds = {data_dir: {"bind": DATA_MOUNT, "mode": "ro"}} if data_dir else None
     return api.create_host_config(
@@ -99,6 +132,7 @@ def hardened_host_config(
         init=True,
         binds=binds,
         device_requests=device_requests or None,
+        network_mode=network,
     )
 
 
@@ -261,6 +295,7 @@ class DockerEngine:
             max_workers=stream_workers, thread_name_prefix=f"stream-{name}"
         )
         self.exits = ExitWatcher(self)
+        self._network_ready = False
 
     async def call(
         self, fn: Callable[..., T], *args: Any, deadline_s: float | None = -1.0, **kwargs: Any
@@ -301,18 +336,15 @@ class DockerEngine:
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
             raise EngineUnreachable(f"engine {self.name} unreachable: {exc}") from None
 
-    def bridge_gateway(self) -> str:
-        """The host's address on the default bridge, as containers see it (blocking)."""
-        network = self.api.inspect_network("bridge")
-        for cfg in network.get("IPAM", {}).get("Config") or []:
-            if cfg.get("Gateway"):
-                return str(cfg["Gateway"])
-        return "172.17.0.1"
+    def ensure_runner_network(self) -> str:
+        """Create the runners' network on this engine if missing; its gateway. Blocking."""
+        return ensure_runner_network(self.api, self.name)
 
     def runner_nats_url(self, nats_url: str) -> str:
         """The NATS URL a container on this engine should use (blocking).
 
-        A loopback address means nothing inside a container: swap in the bridge gateway.
+        A loopback address means nothing inside a container: swap in the gateway of the
+        runners' network (created here if missing).
         """
         parsed = urlparse(nats_url)
         host = parsed.hostname or "127.0.0.1"
@@ -322,7 +354,7 @@ class DockerEngine:
             loopback = False
         if not loopback:
             return nats_url
-        netloc = self.bridge_gateway() + (f":{parsed.port}" if parsed.port else "")
+        netloc = self.ensure_runner_network() + (f":{parsed.port}" if parsed.port else "")
         if parsed.username:
             creds = parsed.username + (f":{parsed.password}" if parsed.password else "")
             netloc = f"{creds}@{netloc}"
@@ -342,6 +374,34 @@ class DockerEngine:
         host_config: dict[str, Any],
     ) -> str:
         """Create (not start) the op's container; returns its id."""
+        if not self._network_ready:
+            await self.call(self.ensure_runner_network)
+            self._network_ready = True
+        try:
+            return await self._create(
+                image, name, op_id, kind, dispatcher_id, attempt, deployment, spec_json, host_config
+            )
+        except InfrastructureError as exc:
+            if RUNNER_NETWORK not in str(exc):
+                raise
+            # the network was removed since: make it again, once
+            await self.call(self.ensure_runner_network)
+            return await self._create(
+                image, name, op_id, kind, dispatcher_id, attempt, deployment, spec_json, host_config
+            )
+
+    async def _create(
+        self,
+        image: str,
+        name: str,
+        op_id: str,
+        kind: str,
+        dispatcher_id: str,
+        attempt: int,
+        deployment: str,
+        spec_json: str,
+        host_config: dict[str, Any],
+    ) -> str:
         response = await self.call(
             self.api.create_container,
             image,

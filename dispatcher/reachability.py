@@ -69,6 +69,7 @@ async def check_from_container(engine: DockerEngine, image: str, url: str, deplo
     )
     container_id = ""
     try:
+        await engine.call(engine.ensure_runner_network)
         response = await engine.call(
             engine.api.create_container,
             image,

@@ -29,7 +29,7 @@ from discovery.docker_engines import (
 )
 from discovery.gpu import device_requests, gpu_device_ids, is_no_gpu_runtime_error
 from dispatcher.embedded import EmbeddedNats, free_port
-from dispatcher.engine import RUNNER_USER, DockerEngine, hardened_host_config
+from dispatcher.engine import RUNNER_USER, DockerEngine, ensure_runner_network, hardened_host_config
 from dispatcher.jetstream import JetStreamHandles
 from runner.protocol import SPEC_ENV, Resources, RunnerSpec
 from tests.second_dockerd import SecondDockerd, second_dockerd_fixture  # noqa: F401 - fixture
@@ -159,6 +159,7 @@ def run_hardened(
 ) -> tuple[int, str]:
     """Create, start, wait, read logs, remove: one hardened container, as the dispatcher does."""
     api_client = client.api
+    ensure_runner_network(api_client, "test")
     host_config = hardened_host_config(
         api_client, Resources(cpus=0.5, memory_gb=0.25), pids_limit=128, scratch_mb=64
     )
