@@ -29,7 +29,13 @@ from discovery.docker_engines import (
 )
 from discovery.gpu import device_requests, gpu_device_ids, is_no_gpu_runtime_error
 from dispatcher.embedded import EmbeddedNats, free_port
-from dispatcher.engine import RUNNER_USER, DockerEngine, ensure_runner_network, hardened_host_config
+from dispatcher.engine import (
+    RUNNER_NETWORK,
+    RUNNER_USER,
+    DockerEngine,
+    ensure_runner_network,
+    hardened_host_config,
+)
 from dispatcher.jetstream import JetStreamHandles
 from runner.protocol import SPEC_ENV, Resources, RunnerSpec
 from tests.second_dockerd import SecondDockerd, second_dockerd_fixture  # noqa: F401 - fixture
@@ -217,7 +223,10 @@ async def test_runner_on_the_second_engine_reaches_nats_on_the_host(
     engine = DockerEngine(client, name="engine2", workers=2)
     try:
         nats_url = await asyncio.to_thread(engine.runner_nats_url, nats_server.url)
-        assert nats_url == f"nats://{second_dockerd.gateway}:{nats_server.port}"
+        # the gateway of the runners' own network on that engine, read back from the engine
+        network = client.api.inspect_network(RUNNER_NETWORK)
+        gateway = network["IPAM"]["Config"][0]["Gateway"]
+        assert nats_url == f"nats://{gateway}:{nats_server.port}"
         op_id = f"e2-{uuid.uuid4().hex[:10]}"
         spec = RunnerSpec(op_id=op_id, kind="probe", params={"hold_s": 0.5, "tick_s": 0.1}, nats_url=nats_url)
         code, logs = await asyncio.to_thread(
