@@ -374,51 +374,37 @@ class DockerEngine:
         host_config: dict[str, Any],
     ) -> str:
         """Create (not start) the op's container; returns its id."""
+
+        async def create_once() -> str:
+            response = await self.call(
+                self.api.create_container,
+                image,
+                name=name,
+                user=RUNNER_USER,
+                environment={SPEC_ENV: spec_json, "HOME": "/tmp"},
+                labels={
+                    LABEL_OP_ID: op_id,
+                    LABEL_KIND: kind,
+                    LABEL_DISPATCHER: dispatcher_id,
+                    LABEL_ATTEMPT: str(attempt),
+                    LABEL_CLUSTER: deployment,
+                },
+                host_config=host_config,
+                working_dir="/tmp",
+            )
+            return str(response["Id"])
+
         if not self._network_ready:
             await self.call(self.ensure_runner_network)
             self._network_ready = True
         try:
-            return await self._create(
-                image, name, op_id, kind, dispatcher_id, attempt, deployment, spec_json, host_config
-            )
+            return await create_once()
         except InfrastructureError as exc:
             if RUNNER_NETWORK not in str(exc):
                 raise
             # the network was removed since: make it again, once
             await self.call(self.ensure_runner_network)
-            return await self._create(
-                image, name, op_id, kind, dispatcher_id, attempt, deployment, spec_json, host_config
-            )
-
-    async def _create(
-        self,
-        image: str,
-        name: str,
-        op_id: str,
-        kind: str,
-        dispatcher_id: str,
-        attempt: int,
-        deployment: str,
-        spec_json: str,
-        host_config: dict[str, Any],
-    ) -> str:
-        response = await self.call(
-            self.api.create_container,
-            image,
-            name=name,
-            user=RUNNER_USER,
-            environment={SPEC_ENV: spec_json, "HOME": "/tmp"},
-            labels={
-                LABEL_OP_ID: op_id,
-                LABEL_KIND: kind,
-                LABEL_DISPATCHER: dispatcher_id,
-                LABEL_ATTEMPT: str(attempt),
-                LABEL_CLUSTER: deployment,
-            },
-            host_config=host_config,
-            working_dir="/tmp",
-        )
-        return str(response["Id"])
+            return await create_once()
 
     async def start(self, container_id: str) -> None:
         """Start a created container."""
