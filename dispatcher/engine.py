@@ -80,20 +80,40 @@ def connect_docker(url: str = "", *, timeout_s: float = 60.0, pool_size: int = 3
 RUNNER_NETWORK = "ktrdr-runners"
 
 
+_network_lock = threading.Lock()  # one create at a time in this process (engines allow twins)
+
+
+def _runner_network(api: docker.APIClient) -> dict[str, Any] | None:
+    """The runners' network, None when missing. Docker allows two networks of one name
+    (two creates racing): the oldest is kept and the others removed (those still in use
+    stay, and are not ours to choose)."""
+    found = [n for n in api.networks(names=[RUNNER_NETWORK]) if n.get("Name") == RUNNER_NETWORK]
+    if not found:
+        return None
+    found.sort(key=lambda n: (str(n.get("Created", "")), str(n["Id"])))
+    for twin in found[1:]:
+        with contextlib.suppress(docker.errors.APIError):
+            api.remove_network(twin["Id"])
+    return dict(api.inspect_network(found[0]["Id"]))
+
+
 def ensure_runner_network(api: docker.APIClient, engine_name: str) -> str:
     """Create the runners' network on an engine if it is missing; its gateway (the host
     as containers there see it). Blocking."""
-    try:
-        network = api.inspect_network(RUNNER_NETWORK)
-    except docker.errors.NotFound:
-        with contextlib.suppress(docker.errors.APIError):  # created by a peer meanwhile
-            api.create_network(
-                RUNNER_NETWORK,
-                driver="bridge",
-                options={"com.docker.network.bridge.enable_icc": "false"},
-                labels={"ktrdr.network": "runners"},
-            )
-        network = api.inspect_network(RUNNER_NETWORK)
+    with _network_lock:
+        network = _runner_network(api)
+        if network is None:
+            with contextlib.suppress(docker.errors.APIError):  # created by a peer meanwhile
+                api.create_network(
+                    RUNNER_NETWORK,
+                    driver="bridge",
+                    options={"com.docker.network.bridge.enable_icc": "false"},
+                    labels={"ktrdr.network": "runners"},
+                    check_duplicate=True,
+                )
+            network = _runner_network(api)
+    if network is None:
+        raise InfrastructureError(f"engine {engine_name}: could not create network {RUNNER_NETWORK}")
     options = network.get("Options") or {}
     if options.get("com.docker.network.bridge.enable_icc") != "false":
         raise InfrastructureError(

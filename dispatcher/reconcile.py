@@ -130,6 +130,8 @@ async def take_over(d: Dispatcher, record: OpRecord) -> None:
         return
     host = d.fleet.host(claimed.host)
     if claimed.state == "placing" or not claimed.container_id:
+        # it may have created the container without recording it: that one goes too
+        await remove_attempt_containers(d, claimed)
         await requeue_lost(d, claimed, owner, f"its dispatcher {dead} died before starting the container")
         return
     if host is None or not d.fleet.usable(host.name):
@@ -183,6 +185,32 @@ async def adopt(d: Dispatcher, record: OpRecord, owner: Owner, host: Host, engin
     request = await stored_cancel(d.js, record)
     if request is not None:
         await d.request_cancel(record.op_id, request)
+
+
+async def remove_attempt_containers(d: Dispatcher, record: OpRecord) -> None:
+    """Remove the containers of the op's current attempt on its host (best effort: a host
+    that does not answer is reaped when it answers again)."""
+    host = d.fleet.host(record.host) if record.host else None
+    if host is None or not d.fleet.usable(host.name):
+        return
+    try:
+        engine = await d.fleet.engine(host)
+        labels = [f"{LABEL_OP_ID}={record.op_id}", f"{LABEL_ATTEMPT}={record.attempts}"]
+        found: list[dict[str, Any]] = await engine.call(
+            engine.api.containers, all=True, filters={"label": labels}
+        )
+        for container in found:
+            log.info(
+                "removing container %s of op %s (attempt %d)",
+                container["Id"][:12],
+                record.op_id,
+                record.attempts,
+            )
+            await engine.remove(container["Id"])
+    except (KtrdrError, DiscoveryError) as exc:
+        log.warning(
+            "op %s: could not remove its attempt's containers on %s (%s)", record.op_id, host.name, exc
+        )
 
 
 def _coordinated(kind: str) -> bool:

@@ -38,6 +38,7 @@ import pytest
 from discovery.config import DiscoveryConfig, EngineConfig
 from dispatcher.config import Config
 from dispatcher.embedded import EmbeddedNats, free_port
+from dispatcher.engine import RUNNER_NETWORK
 from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
 from runner.protocol import TERMINAL_STATES
 from tests.conftest import run_cli, write_config
@@ -397,7 +398,9 @@ async def test_a_runner_that_goes_silent_is_lost_and_its_op_runs_again(
             assert time.monotonic() < deadline, "the runner never reported progress"
             await asyncio.sleep(0.1)  # until the runner is heard from: then cut it off
         cut_at = time.time()
-        docker_client.api.disconnect_container_from_network(running["container_id"], "bridge", force=True)
+        docker_client.api.disconnect_container_from_network(
+            running["container_id"], RUNNER_NETWORK, force=True
+        )
         final = (await wait_states(url, [op], TERMINAL_STATES, 90, why=proc.log_tail()))[op]
     assert final["state"] == "completed" and final["attempts"] == 2, final
     events = await all_events(url, op)
