@@ -5,6 +5,7 @@ and the problem; nothing here touches Docker."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from dispatcher.config import Config
 from dispatcher.engine import RUNNER_USER
 from runner import registry
 from runner.errors import DataError, InvalidParams, UnknownKind, describe_validation_error
-from runner.protocol import JOBS_SUBJECT_ROOT, Job, Resources, is_valid_id, job_decoder
+from runner.protocol import SUBMITTER_PATTERN, Job, Resources, is_valid_id, job_decoder, parse_job_subject
 
 
 class Rejected(Exception):  # control flow inside the dispatcher, not an error name
@@ -58,7 +59,7 @@ def validate_job(subject: str, data: bytes, config: Config, *, own_job: bool = F
     the data directory its user named needs no allowed root.
 
     Blocking (a preflight may read a data file): run it off the event loop."""
-    subject_kind = subject[len(JOBS_SUBJECT_ROOT) + 1 :]
+    subject_kind, submitter = parse_job_subject(subject)
     try:
         job = job_decoder.decode(data)
     except msgspec.ValidationError as exc:
@@ -68,6 +69,11 @@ def validate_job(subject: str, data: bytes, config: Config, *, own_job: bool = F
         raise Rejected(f"job message is not valid JSON: {exc}", error_type="NotJSON") from None
     if job.kind != subject_kind:
         raise Rejected(f"kind {job.kind!r} does not match the subject {subject!r}", field="kind", job=job)
+    if submitter:
+        # the subject's name is the one the server let this publisher use
+        if not re.fullmatch(SUBMITTER_PATTERN, submitter):
+            raise Rejected(f"subject {subject!r}: submitter name is not one token", field="subject", job=job)
+        job = msgspec.structs.replace(job, submitted_by=submitter)
     try:
         op = registry.get(job.kind)
         params = op.parse_params(job.params)
@@ -138,7 +144,7 @@ def resolve_data_dir(job: Job, config: Config, *, own_job: bool = False) -> str:
 
 def peek_ids(subject: str, raw: bytes) -> tuple[str, str]:
     """Best-effort job_id and kind from a message that failed validation."""
-    kind = subject[len(JOBS_SUBJECT_ROOT) + 1 :]
+    kind, _ = parse_job_subject(subject)
     try:
         data = json.loads(raw)
     except ValueError:

@@ -144,7 +144,7 @@ class Authority:
             self.account.public,
             user.public,
             name,
-            permissions(role, op_id),
+            permissions(role, op_id, name),
             expires_at=expires_at,
             tags=[f"role:{role}"],
         )

@@ -16,7 +16,6 @@ from dispatcher.admission import Rejected, peek_ids
 from dispatcher.joblease import JobLease
 from dispatcher.opstore import OpStore, retrying
 from runner.protocol import (
-    JOBS_SUBJECT_ROOT,
     DeadLetter,
     ErrorEvent,
     ErrorInfo,
@@ -25,6 +24,7 @@ from runner.protocol import (
     encode,
     now,
     op_subject,
+    parse_job_subject,
     rejected_subject,
 )
 
@@ -77,7 +77,7 @@ async def dead_letter(
     js: JetStreamContext, store: OpStore, lease: JobLease, reason: str, dispatcher_id: str
 ) -> None:
     """Give up on a job message: to ``ktrdr.dead.<kind>`` with the reason, never again."""
-    kind = lease.subject[len(JOBS_SUBJECT_ROOT) + 1 :]
+    kind, _ = parse_job_subject(lease.subject)
     job_id, _ = peek_ids(lease.subject, lease.data)
     letter = DeadLetter(
         subject=lease.subject,

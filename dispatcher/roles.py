@@ -18,6 +18,7 @@ container cannot read another's replies.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from dispatcher.natsjwt import Permissions
@@ -30,6 +31,7 @@ from runner.protocol import (
     JOBS_SUBJECT_ROOT,
     OPS_BUCKET,
     OPS_SUBJECT_ROOT,
+    SUBMITTER_PATTERN,
 )
 
 Role = Literal["dispatcher", "submitter", "observer", "runner"]
@@ -78,14 +80,18 @@ def _reader(extra_pub: tuple[str, ...] = ()) -> Permissions:
     )
 
 
-def permissions(role: Role, op_id: str = "") -> Permissions:
-    """The permission set of ``role`` (``op_id`` names a runner's op)."""
+def permissions(role: Role, op_id: str = "", name: str = "") -> Permissions:
+    """The permission set of ``role`` (``op_id`` names a runner's op, ``name`` a
+    submitter: the one token its jobs' subjects may carry)."""
     if role == "dispatcher":
         return Permissions(pub_allow=(">",), sub_allow=(">",), responses=True)
     if role == "observer":
         return _reader()
     if role == "submitter":
-        return _reader((f"{JOBS_SUBJECT_ROOT}.>", f"{OPS_SUBJECT_ROOT}.*.cancel"))
+        if not re.fullmatch(SUBMITTER_PATTERN, name):
+            raise ValueError(f"a submitter's name is one subject token ({SUBMITTER_PATTERN}), not {name!r}")
+        # jobs only under its own name: the dispatcher takes submitted_by from the subject
+        return _reader((f"{JOBS_SUBJECT_ROOT}.*.{name}", f"{OPS_SUBJECT_ROOT}.*.cancel"))
     if role == "runner":
         if not op_id:
             raise ValueError("a runner's permissions name its op")

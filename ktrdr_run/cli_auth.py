@@ -81,7 +81,10 @@ def cmd_creds_issue(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--expires-in-s must be above 0")
     authority = Authority.load_or_create(config.state_path())
     expires_at = time.time() + args.expires_in_s if args.expires_in_s else None
-    text = authority.mint(args.role, args.name, expires_at=expires_at)
+    try:
+        text = authority.mint(args.role, args.name, expires_at=expires_at)
+    except ValueError as exc:
+        raise UsageError(f"--name: {exc}") from None
     path = write_secret(args.output, text)
     print(f"{args.role} credentials for {args.name!r} written to {path} (mode 0600)", file=sys.stderr)
     return 0

@@ -80,9 +80,21 @@ KIND_PATTERN: Final = r"^[a-z][a-z0-9_]{0,39}$"
 _ID_RE = re.compile(ID_PATTERN)
 
 
-def job_subject(kind: str) -> str:
-    """The subject a job of ``kind`` is published to."""
-    return f"{JOBS_SUBJECT_ROOT}.{kind}"
+#: A submitter's name as it appears in a job subject (one subject token).
+SUBMITTER_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def job_subject(kind: str, submitter: str = "") -> str:
+    """The subject a job of ``kind`` is published to; with ``submitter``, the subject a
+    named submitter's credential allows (``ktrdr.jobs.<kind>.<name>``): its name there
+    is who submitted it, whatever the message says."""
+    return f"{JOBS_SUBJECT_ROOT}.{kind}.{submitter}" if submitter else f"{JOBS_SUBJECT_ROOT}.{kind}"
+
+
+def parse_job_subject(subject: str) -> tuple[str, str]:
+    """``(kind, submitter)`` of a job subject (submitter "" when it names none)."""
+    kind, _, submitter = subject[len(JOBS_SUBJECT_ROOT) + 1 :].partition(".")
+    return kind, submitter
 
 
 def redact_url(url: str) -> str:

@@ -19,6 +19,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from dispatcher.admission import Rejected, validate_job
 from dispatcher.authority import Authority, write_secret
 from dispatcher.config import Config, NatsConfig
 from dispatcher.embedded import EmbeddedNats, free_port, nats_server_binary
@@ -135,10 +136,14 @@ async def test_a_submitter_submits_but_cannot_write_records_delete_streams_or_fo
     dispatcher = await prepared(server)
     submitter = await connect(server, server.creds("submitter", "ci-bot"))
     js = submitter.nc.jetstream()
+    # jobs go out under its own name only: the server holds it to that
     ack = await js.publish(
-        "ktrdr.jobs.probe", b'{"job_id": "j1", "kind": "probe"}', headers={"Nats-Msg-Id": "j1"}
+        "ktrdr.jobs.probe.ci-bot", b'{"job_id": "j1", "kind": "probe"}', headers={"Nats-Msg-Id": "j1"}
     )
     assert ack.stream == "KTRDR_JOBS"
+    for other in ("ktrdr.jobs.probe", "ktrdr.jobs.probe.alice"):
+        await submitter.nc.publish(other, b"{}")
+        await submitter.violation(other)
     await submitter.nc.publish(op_subject("j1", "cancel"), b"{}")  # allowed: no violation follows
     await submitter.nc.publish(f"$KV.{OPS_BUCKET}.j1", b'{"state": "completed"}')
     await submitter.violation(f"$KV.{OPS_BUCKET}.j1")
@@ -257,3 +262,19 @@ async def test_nats_config_and_creds_issue_work_with_any_nats_client(config: Con
         run_cli, ["nats", "config", "-o", str(tmp_state / "x.conf"), "--cluster", "2"], config_path
     )
     assert bad.returncode == 2 and "at least 3" in bad.stderr
+
+
+def test_the_submitter_named_in_the_subject_is_who_submitted(tmp_path: Path) -> None:
+    """The dispatcher takes ``submitted_by`` from the subject the server let the publisher
+    use, not from the message."""
+    config = Config()
+    forged = b'{"job_id": "j2", "kind": "probe", "submitted_by": "mallory"}'
+    assert validate_job("ktrdr.jobs.probe.ci-bot", forged, config).job.submitted_by == "ci-bot"
+    assert validate_job("ktrdr.jobs.probe", forged, config).job.submitted_by == "mallory"  # trusted path
+    with pytest.raises(Rejected, match="kind 'probe' does not match"):
+        validate_job("ktrdr.jobs.backtest.ci-bot", forged, config)
+    with pytest.raises(Rejected, match="submitter name is not one token") as caught:
+        validate_job("ktrdr.jobs.probe.ci.bot", forged, config)
+    assert caught.value.field == "subject"
+    with pytest.raises(ValueError, match="one subject token"):
+        Authority.load_or_create(tmp_path).mint("submitter", "ci bot")
