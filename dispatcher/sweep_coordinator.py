@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -121,12 +121,6 @@ class _Detached(Exception):  # control flow: the coordinator lets go of its swee
     pass
 
 
-@dataclass
-class _Cancel:
-    intent: CancelIntent
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-
-
 class SweepCoordinator:
     """Runs one sweep (a parent op in ``running``, owned by ``owner``) to its end."""
 
@@ -143,7 +137,7 @@ class SweepCoordinator:
         self.children: dict[str, _Child] = {}
         self._listed = list(record.children)
         self._wake = asyncio.Event()
-        self._cancel: _Cancel | None = None
+        self._cancel: CancelIntent | None = None
         self._deadline = (
             (record.timestamps.get("queued", now()) + record.timeout_s) if record.timeout_s else None
         )
@@ -158,7 +152,7 @@ class SweepCoordinator:
     def cancel(self, intent: CancelIntent) -> None:
         """Stop asking for combinations, cancel every child, end ``cancelled``."""
         if self._cancel is None:
-            self._cancel = _Cancel(intent)
+            self._cancel = intent
             self._wake.set()
 
     def detach(self) -> None:
@@ -170,11 +164,6 @@ class SweepCoordinator:
     def _check_detached(self) -> None:
         if self._detached:
             raise _Detached
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether a cancel was requested."""
-        return self._cancel is not None
 
     # -- the run ------------------------------------------------------------------------
 
@@ -237,9 +226,9 @@ class SweepCoordinator:
             covered.update(range(first, first + count))
             round_children.append(child)
         missing = [t for t in trials if t.index not in covered and t.index not in tally.entries]
-        slots = await free_slots(self.deps.placement, self.deps.hosts(), self.record.resources)
-        new = self._chunks(missing, slots)
-        if new:
+        if missing:  # a resumed round may have every combination covered already
+            slots = await free_slots(self.deps.placement, self.deps.hosts(), self.record.resources)
+            new = self._chunks(missing, slots)
             await self._list_children([c.op_id for c in new])
             round_children.extend(new)
         for child in round_children:
@@ -504,7 +493,7 @@ class SweepCoordinator:
             await self._settle_children()
         if self._cancel is not None:
             state, message = "cancelled", f"cancelled after {len(tally.entries)} combinations"
-            extra: dict[str, Any] = {"cancel": self._cancel.intent}
+            extra: dict[str, Any] = {"cancel": self._cancel}
         elif self._deadline is not None and now() >= self._deadline:
             state, message = "timed_out", f"timed out after {len(tally.entries)} combinations"
             extra = {
