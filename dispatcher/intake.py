@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 
 from dispatcher.admission import Rejected
 from dispatcher.joblease import JobLease
-from dispatcher.opstore import OpStore
+from dispatcher.opstore import OpStore, Owner
 from dispatcher.rejections import reject
 from runner.protocol import (
     EVENTS_STREAM,
@@ -99,20 +99,35 @@ async def stored_cancel(js: JetStreamContext, record: OpRecord) -> CancelRequest
     return request if isinstance(request, CancelRequest) else None
 
 
+def intent_of(request: CancelRequest) -> CancelIntent:
+    """The durable intent a cancel request records."""
+    return CancelIntent(requested_at=request.ts, reason=request.reason, requested_by=request.requested_by)
+
+
+async def cancel_unstarted(
+    store: OpStore,
+    op_id: str,
+    intent: CancelIntent,
+    *,
+    allowed_from: frozenset[str] = frozenset({"queued"}),
+    owner: Owner | None = None,
+) -> bool:
+    """End an op whose container was never created ``cancelled``; True when it moved."""
+    done = await store.transition(
+        op_id,
+        "cancelled",
+        allowed_from=allowed_from,
+        owner=owner,
+        cancel=intent,
+        message="cancelled before start; no container was created",
+    )
+    return done is not None
+
+
 async def cancel_before_start(js: JetStreamContext, store: OpStore, record: OpRecord) -> bool:
     """A cancel published before the dispatcher saw the job: the op ends ``cancelled``
     and no container is ever created. True when that happened."""
     request = await stored_cancel(js, record)
     if request is None:
         return False
-    intent = record.cancel or CancelIntent(
-        requested_at=request.ts, reason=request.reason, requested_by=request.requested_by
-    )
-    done = await store.transition(
-        record.op_id,
-        "cancelled",
-        allowed_from={"queued"},
-        cancel=intent,
-        message="cancelled before start; no container was created",
-    )
-    return done is not None
+    return await cancel_unstarted(store, record.op_id, record.cancel or intent_of(request))

@@ -44,7 +44,7 @@ from dispatcher.config import Config
 from dispatcher.engine import DockerEngine
 from dispatcher.errors import OwnershipLost
 from dispatcher.fleet import Fleet, publish_hosts
-from dispatcher.intake import cancel_before_start, queued_record
+from dispatcher.intake import cancel_before_start, cancel_unstarted, intent_of, queued_record
 from dispatcher.jetstream import JetStreamHandles
 from dispatcher.joblease import DirectLease, JobLease, QueueLease
 from dispatcher.liveness import DispatcherLease, deployment_id
@@ -60,7 +60,6 @@ from runner.protocol import (
     DISPATCHER_PING_SUBJECT,
     JOBS_STREAM,
     OPS_SUBJECT_ROOT,
-    CancelIntent,
     CancelRequest,
     DispatcherInfo,
     Job,
@@ -215,12 +214,16 @@ class Dispatcher:
             coordinator.detach()
         self._free_slot()
 
-    async def submit_own(self, job: Job) -> None:
-        """Publish a job and run it here (one-shot commands): only this job is taken."""
-        ack = await retrying(
+    async def _publish(self, job: Job) -> Any:
+        """Publish a job message (idempotent: its id is the message id); the stream's ack."""
+        return await retrying(
             lambda: self.js.publish(job_subject(job.kind), encode(job), headers={"Nats-Msg-Id": job.job_id}),
             what=f"submit {job.job_id}",
         )
+
+    async def submit_own(self, job: Job) -> None:
+        """Publish a job and run it here (one-shot commands): only this job is taken."""
+        ack = await self._publish(job)
         await self._handle_direct(int(ack.seq))
 
     async def _submit_child(self, job: Job) -> None:
@@ -228,11 +231,8 @@ class Dispatcher:
         takes nothing from the queue — straight to this dispatcher."""
         if self.own_only:
             await self.submit_own(job)
-            return
-        await retrying(
-            lambda: self.js.publish(job_subject(job.kind), encode(job), headers={"Nats-Msg-Id": job.job_id}),
-            what=f"submit {job.job_id}",
-        )
+        else:
+            await self._publish(job)
 
     def coordinate(self, record: OpRecord, owner: Owner) -> asyncio.Task[Any]:
         """Run the coordinator of a coordinated op (a sweep) this dispatcher owns."""
@@ -556,9 +556,7 @@ class Dispatcher:
     async def request_cancel(self, op_id: str, request: CancelRequest) -> None:
         """Record the cancel intent durably and enforce it: a queued op never starts; a
         running one gets ``cancel_grace_s`` to acknowledge, then SIGTERM, then SIGKILL."""
-        intent = CancelIntent(
-            requested_at=request.ts, reason=request.reason, requested_by=request.requested_by
-        )
+        intent = intent_of(request)
         coordinator = self.sweeps.get(op_id)
         if coordinator is not None:
             coordinator.cancel(intent)
@@ -571,13 +569,7 @@ class Dispatcher:
         if run is None:
             record = await self.store.find(op_id)
             if record is not None and record.state == "queued":
-                await self.store.transition(
-                    op_id,
-                    "cancelled",
-                    allowed_from={"queued"},
-                    cancel=intent,
-                    message="cancelled before start; no container was created",
-                )
+                await cancel_unstarted(self.store, op_id, intent)
             return
         if run.cancel_requested is not None:
             return

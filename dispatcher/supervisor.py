@@ -37,6 +37,7 @@ from dispatcher.config import Config
 from dispatcher.engine import ContainerVanished, DockerEngine, hardened_host_config
 from dispatcher.errors import EngineGone, EngineUnreachable, InfrastructureError, KtrdrError, OwnershipLost
 from dispatcher.fleet import Fleet
+from dispatcher.intake import cancel_unstarted, intent_of
 from dispatcher.logstream import stream_logs
 from dispatcher.opstore import OpStore, Owner, retrying
 from dispatcher.outcome import OpRun, classify
@@ -45,7 +46,6 @@ from dispatcher.reachability import hint
 from runner.protocol import (
     ACTIVE_STATES,
     EVENTS_STREAM,
-    CancelIntent,
     CancelRequest,
     ErrorInfo,
     Job,
@@ -179,13 +179,9 @@ class Supervisor:
         cfg = self.config.dispatcher
         image = await self._image_on(run.engine, bool(run.reservation.gpu_ids))
         if run.cancel_requested is not None:
-            await self.store.transition(
-                run.op_id,
-                "cancelled",
-                allowed_from={"placing"},
-                owner=run.owner,
-                cancel=CancelIntent(requested_at=run.cancel_requested.ts, reason=run.cancel_requested.reason),
-                message="cancelled before start; no container was created",
+            intent = intent_of(run.cancel_requested)
+            await cancel_unstarted(
+                self.store, run.op_id, intent, allowed_from=frozenset({"placing"}), owner=run.owner
             )
             return False
         run.runner_url = await self.runner_url(run.reservation.host.name, run.engine)
