@@ -14,6 +14,7 @@ says so in ``data_source``.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -313,6 +314,18 @@ def artifact_reads(params: BacktestParams) -> dict[str, str]:
     """The artifact a ``model`` backtest reads: the dispatcher checks it exists first."""
     model = params.strategy_params.get("model") if params.strategy == "model" else None
     return {"strategy_params.model": model} if isinstance(model, str) else {}
+
+
+def model_reads(params: BacktestParams, swept: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """The model artifacts a sweep or a chunk of ``model`` backtests reads: the shared
+    one, then each distinct swept one (``swept``: params field and value)."""
+    if params.strategy != "model":
+        return {}
+    reads = artifact_reads(params)
+    for field, value in swept:
+        if isinstance(value, str) and value not in reads.values():
+            reads[field] = value
+    return reads
 
 
 @operation(

@@ -18,7 +18,7 @@ from msgspec import Meta
 
 from runner.backtest import check_date_range
 from runner.errors import InvalidParams, KtrdrRunnerError
-from runner.ops.backtest import BacktestParams, check_bars_for, check_settings, strategy_for
+from runner.ops.backtest import BacktestParams, check_bars_for, check_settings, model_reads, strategy_for
 from runner.ops.sweep_chunk import MAX_CHUNK
 from runner.registry import operation
 from runner.sweep.constraint import Constraint, ConstraintError, parse_constraint
@@ -166,18 +166,9 @@ def preflight(params: SweepParams, data_dir: Path | None) -> None:
 
 def artifact_reads(params: SweepParams) -> dict[str, str]:
     """The model artifacts a ``model`` sweep reads: the dispatcher checks each exists."""
-    if params.strategy != "model":
-        return {}
-    reads: dict[str, str] = {}
-    shared = params.strategy_params.get("model")
-    if isinstance(shared, str):
-        reads["strategy_params.model"] = shared
     dimension: Dimension | None = params.space.get("model")
     values: list[Any] = getattr(dimension, "values", []) if dimension is not None else []
-    for i, value in enumerate(values):
-        if isinstance(value, str) and value not in reads.values():
-            reads[f"space.model.values[{i}]"] = value
-    return reads
+    return model_reads(params, ((f"space.model.values[{i}]", v) for i, v in enumerate(values)))
 
 
 @operation(

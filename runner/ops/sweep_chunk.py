@@ -18,7 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from runner.errors import InvalidParams
-from runner.ops.backtest import BacktestParams, check_settings, strategy_for
+from runner.ops.backtest import BacktestParams, check_settings, model_reads, strategy_for
 from runner.registry import operation
 from runner.sweep.objective import DEFAULT_MAXIMIZE, ObjectiveError, parse_maximize
 
@@ -113,19 +113,8 @@ def preflight(params: SweepChunkParams, data_dir: Path | None) -> None:
 
 def artifact_reads(params: SweepChunkParams) -> dict[str, str]:
     """The model artifacts a ``model`` chunk reads: the dispatcher checks each exists."""
-    if params.strategy != "model":
-        return {}
-    reads: dict[str, str] = {}
-    shared = params.strategy_params.get("model")
-    if isinstance(shared, str):
-        reads["strategy_params.model"] = shared
-    seen = set(reads.values())
-    for i, combination in enumerate(params.combinations):
-        model = combination.get("model")
-        if isinstance(model, str) and model not in seen:
-            reads[f"combinations[{i}].model"] = model
-            seen.add(model)
-    return reads
+    swept = ((f"combinations[{i}].model", c.get("model")) for i, c in enumerate(params.combinations))
+    return model_reads(params, swept)
 
 
 @operation(
