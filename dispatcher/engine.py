@@ -102,8 +102,9 @@ def ensure_runner_network(api: docker.APIClient, engine_name: str) -> str:
     as containers there see it). Blocking."""
     with _network_lock:
         network = _runner_network(api)
+        refusal = ""
         if network is None:
-            with contextlib.suppress(docker.errors.APIError):  # created by a peer meanwhile
+            try:
                 api.create_network(
                     RUNNER_NETWORK,
                     driver="bridge",
@@ -111,9 +112,11 @@ def ensure_runner_network(api: docker.APIClient, engine_name: str) -> str:
                     labels={"ktrdr.network": "runners"},
                     check_duplicate=True,
                 )
+            except docker.errors.APIError as exc:  # or created by a peer meanwhile: looked up below
+                refusal = f": {exc.explanation or exc}"
             network = _runner_network(api)
     if network is None:
-        raise InfrastructureError(f"engine {engine_name}: could not create network {RUNNER_NETWORK}")
+        raise InfrastructureError(f"engine {engine_name}: could not create network {RUNNER_NETWORK}{refusal}")
     options = network.get("Options") or {}
     if options.get("com.docker.network.bridge.enable_icc") != "false":
         raise InfrastructureError(

@@ -56,6 +56,8 @@ class SecondDockerd:
     bridge: str
     gateway: str
     data_root: Path
+    #: The address pool its own networks take their subnets from (see stop_second_dockerd).
+    pool: str = ""
     image: str = ""
     log_path: Path = field(default_factory=Path)
 
@@ -74,8 +76,8 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=30)
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
-    """A 172.31.x.0/24 that overlaps no address or route of this machine."""
+def _free_subnet(candidates: Iterator[str], what: str) -> ipaddress.IPv4Network:
+    """The first of ``candidates`` that overlaps no address or route of this machine."""
     used: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     routes = json.loads(_run("ip", "-j", "-4", "route", "show", "table", "all").stdout or "[]")
     for route in routes:
@@ -86,11 +88,11 @@ def _free_subnet() -> ipaddress.IPv4Network:
     for link in json.loads(_run("ip", "-j", "-4", "addr").stdout or "[]"):
         for addr in link.get("addr_info", []):
             used.append(ipaddress.ip_network(f"{addr['local']}/{addr['prefixlen']}", strict=False))
-    for third in range(250, 199, -1):
-        net = ipaddress.IPv4Network(f"172.31.{third}.0/24")
+    for candidate in candidates:
+        net = ipaddress.IPv4Network(candidate)
         if not any(net.overlaps(u) for u in used):
             return net
-    raise RuntimeError("no free 172.31.x.0/24 for the second engine's bridge")
+    raise RuntimeError(f"no free subnet for {what}")
 
 
 def _unmount_under(root: Path) -> None:
@@ -133,7 +135,11 @@ def start_second_dockerd(source: docker.DockerClient, image: str) -> SecondDocke
     rogue = Pki(root / "rogue", name="rogue")
     rogue_cert, rogue_key = rogue.issue("intruder", client=True)
 
-    subnet = _free_subnet()
+    bridge_nets = (f"172.31.{third}.0/24" for third in range(250, 199, -1))
+    subnet = _free_subnet(bridge_nets, "the second engine's bridge")
+    # Its own pool for the networks it creates (the runners' network), so that it never
+    # competes with the default engine for 172.17-31.x and 192.168.x.
+    pool = _free_subnet((f"10.{second}.0.0/16" for second in range(250, 199, -1)), "the second engine's pool")
     gateway = str(next(subnet.hosts()))
     bridge = f"kbr{uuid.uuid4().hex[:8]}"
     _run("ip", "link", "add", bridge, "type", "bridge")
@@ -174,6 +180,8 @@ def start_second_dockerd(source: docker.DockerClient, image: str) -> SecondDocke
             f"ktrdr-{bridge}",
             "--containerd-plugins-namespace",
             f"ktrdr-{bridge}-plugins",
+            "--default-address-pool",
+            f"base={pool},size=24",
             "--log-level",
             "warn",
         ]
@@ -193,6 +201,7 @@ def start_second_dockerd(source: docker.DockerClient, image: str) -> SecondDocke
             bridge=bridge,
             gateway=gateway,
             data_root=root / "data",
+            pool=str(pool),
             log_path=log_path,
         )
         deadline = time.monotonic() + 60
@@ -223,7 +232,10 @@ def start_second_dockerd(source: docker.DockerClient, image: str) -> SecondDocke
 
 
 def stop_second_dockerd(engine: SecondDockerd) -> None:
-    """Remove its containers, stop it, unmount and delete everything it had."""
+    """Remove its containers, stop it, unmount and delete everything it had.
+    A daemon that stops keeps its networks' Linux bridges (``br-<id>``), each holding an
+    address range until reboot; a daemon that was killed cannot be asked to remove them.
+    So every link with an address in the engine's own pool is deleted after it stops."""
     with contextlib.suppress(Exception), contextlib.closing(engine.client()) as client:
         for container in client.containers.list(all=True):
             container.remove(force=True)
@@ -236,8 +248,21 @@ def stop_second_dockerd(engine: SecondDockerd) -> None:
             engine.process.wait(10)
     _stop_pid_file(engine.root / "exec" / "containerd" / "containerd.pid", engine.root)
     _unmount_under(engine.root)
-    _run("ip", "link", "del", engine.bridge, check=False)
+    for link in (engine.bridge, *links_in(engine.pool)):
+        _run("ip", "link", "del", link, check=False)
     shutil.rmtree(engine.root, ignore_errors=True)
+
+
+def links_in(pool: str) -> list[str]:
+    """Names of this machine's network links with an IPv4 address inside ``pool``."""
+    if not pool:
+        return []
+    network = ipaddress.IPv4Network(pool)
+    return [
+        link["ifname"]
+        for link in json.loads(_run("ip", "-j", "-4", "addr").stdout or "[]")
+        if any(ipaddress.IPv4Address(a["local"]) in network for a in link.get("addr_info", []))
+    ]
 
 
 @pytest.fixture(scope="session", name="second_dockerd")

@@ -26,6 +26,7 @@ from runner.protocol import TERMINAL_STATES
 from tests.conftest import SESSION_TAG
 from tests.second_dockerd import (
     SecondDockerd,
+    links_in,
     second_dockerd_fixture,  # noqa: F401 - the fixture, imported to be used here
     start_second_dockerd,
     stop_second_dockerd,
@@ -112,6 +113,8 @@ async def test_ops_spread_over_two_engines_and_move_when_one_stops(
             assert service.fleet.is_down("engine2")
     finally:
         await asyncio.to_thread(stop_second_dockerd, second)
+    # a killed engine's networks outlive it as Linux bridges; left, they use up the pools
+    assert links_in(second.pool) == [], "the stopped engine's bridges are still there"
     assert [r["state"] for r in records] == ["completed"] * 4, [r.get("error") for r in records]
     for record in records:
         if placed[record["op_id"]] == "engine2":
