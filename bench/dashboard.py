@@ -127,7 +127,7 @@ async def nats_with_ops(count: int) -> AsyncIterator[tuple[Config, JetStreamHand
     """A nats-server with JetStream set up and ``count`` records in ``ktrdr_ops``;
     stopped and its store removed afterwards."""
     state = Path(tempfile.mkdtemp(prefix="ktrdr-bench-"))
-    server = EmbeddedNats(state / "nats", free_port())
+    server = EmbeddedNats(state / "nats", free_port(), host="0.0.0.0")
     try:
         await server.start()
         config = Config(state_dir=str(state), nats=NatsConfig(url=server.url, embedded=False))

@@ -80,7 +80,7 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
     """Start the stack; everything is stopped and removed afterwards, also after an
     interruption (containers of its dispatcher that are still there are force-removed)."""
     state = Path(tempfile.mkdtemp(prefix="ktrdr-bench-"))
-    server = EmbeddedNats(state / "nats", free_port())
+    server = EmbeddedNats(state / "nats", free_port(), host="0.0.0.0")
     engine: DockerEngine | None = None
     try:
         await server.start()

@@ -79,6 +79,12 @@ class Authority:
         return authority
 
     @classmethod
+    def find(cls, state_dir: Path) -> Authority | None:
+        """The deployment's trust chain if this state directory holds one (never creates)."""
+        path = state_dir / AUTH_DIR / AUTHORITY_FILE
+        return cls.load(path) if path.exists() else None
+
+    @classmethod
     def load(cls, path: Path) -> Authority:
         """Read a stored trust chain; CredentialError says what is wrong with the file."""
         mode = stat.S_IMODE(path.stat().st_mode)

@@ -27,6 +27,9 @@ class NatsConfig(Struct, frozen=True, forbid_unknown_fields=True):
     """Where NATS is, and whether to start one when nothing answers there."""
 
     url: str = "nats://127.0.0.1:4222"
+    #: A ``.creds`` file for ktrdr-run's own connections ("" = the deployment's own
+    #: credentials when this state directory holds its authority, else none).
+    creds: str = ""
     embedded: bool = True
     embedded_sync: Literal["always", "default"] = "default"
     runner_url: str = ""
@@ -80,6 +83,9 @@ class DispatcherConfig(Struct, frozen=True, forbid_unknown_fields=True):
     log_lines_per_s: Annotated[int, Meta(ge=1)] = 200
     #: The runner's first heartbeat must arrive this soon after its container starts.
     runner_ready_s: Annotated[float, Meta(gt=0)] = 15.0
+    #: How long an op's runner credentials live when the op has no timeout_s (with one,
+    #: they expire after its timeout plus grace).
+    runner_creds_max_s: Annotated[float, Meta(gt=60)] = 7 * 86_400.0
     #: Heartbeat silence this long during a run (while NATS is up) ends the attempt: lost.
     heartbeat_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
     #: A dispatcher that has not renewed its lease for this long is dead; its ops are

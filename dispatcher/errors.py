@@ -20,6 +20,10 @@ class NatsUnavailable(KtrdrError):
     """No NATS server answers and none could be started."""
 
 
+class NatsRefused(KtrdrError):
+    """A NATS server answers but refuses ktrdr-run's credentials (or wants some)."""
+
+
 class JetStreamSetupError(KtrdrError):
     """ktrdr-run's streams or buckets are missing (and this command may not create them),
     or the server refuses a change ``ktrdr-run setup`` asked for."""

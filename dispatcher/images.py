@@ -49,6 +49,10 @@ LABEL_BASE: Final = "ktrdr.base"
 RUNNER_REQUIREMENTS: Final[tuple[str, ...]] = (
     "msgspec==0.22.0",
     "nats-py==2.16.0",
+    # signs the server's nonce with the op's credentials (runner/natscreds.py)
+    "pynacl==1.6.2",
+    "cffi==2.1.1",
+    "pycparser==3.12",
     "numpy==2.4.6",
     "pandas==3.1.1",
     "pyarrow==26.0.1",

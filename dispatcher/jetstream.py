@@ -22,13 +22,14 @@ from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.client import Credentials
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from dispatcher.config import Config
-from dispatcher.errors import JetStreamSetupError, NatsUnavailable
+from dispatcher.errors import JetStreamSetupError, NatsRefused, NatsUnavailable
 from runner.protocol import (
     ARTIFACTS_BUCKET,
     DEAD_LETTER_STREAM,
@@ -57,6 +58,7 @@ async def connect(
     name: str,
     connect_timeout_s: float = 2.0,
     retry: bool = True,
+    credentials: Credentials | None = None,
     on_disconnected: Callable[[], Awaitable[None]] | None = None,
     on_reconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> NATS:
@@ -64,11 +66,20 @@ async def connect(
 
     With ``retry=False`` the first connection is one quick attempt (used to probe for a
     server: nothing listening fails at once); otherwise it is retried for up to
-    ``3 * connect_timeout_s``. ``on_disconnected``/``on_reconnected`` are awaited when the
-    connection drops and when it is back.
+    ``3 * connect_timeout_s``. ``credentials``: a ``.creds`` file path or text
+    (``RawCredentials``). ``on_disconnected``/``on_reconnected`` are awaited when the
+    connection drops and when it is back. A server that refuses the credentials (or wants
+    some) fails at once, saying so.
     """
+    refused: list[str] = []
+    refusal = asyncio.Event()
 
     async def on_error(exc: Exception) -> None:
+        if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
+            refused.append(str(exc))
+            refusal.set()
+            if len(refused) > 1:
+                return  # a refusal repeats on every reconnect: said once
         log.warning("nats %s: %s", name, exc)
 
     options: dict[str, Any] = {
@@ -82,14 +93,34 @@ async def connect(
         options["disconnected_cb"] = on_disconnected
     if on_reconnected is not None:
         options["reconnected_cb"] = on_reconnected
+    if credentials is not None:
+        options["user_credentials"] = credentials
     if not retry:
         await _check_listening(url, connect_timeout_s)
+    connecting = asyncio.ensure_future(nats.connect(url, **options))
+    refused_wait = asyncio.ensure_future(refusal.wait())
     try:
-        return await asyncio.wait_for(nats.connect(url, **options), timeout=connect_timeout_s * 3)
+        # a refusal is final: no point retrying the same credentials until the deadline
+        await asyncio.wait(
+            {connecting, refused_wait}, timeout=connect_timeout_s * 3, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connecting
+            raise nats.errors.Error(refused[-1]) if refused else TimeoutError()
+        return connecting.result()
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        raise NatsUnavailable(
-            f"no NATS server answers at {redact_url(url)}: {exc or type(exc).__name__}"
-        ) from None
+        said = str(exc) or type(exc).__name__
+        if refused or "authorization" in said.lower():
+            raise NatsRefused(
+                f"the NATS server at {redact_url(url)} refused ktrdr-run's credentials "
+                f"({refused[-1] if refused else said}): set [nats] creds to a credentials file it "
+                "accepts (`ktrdr-run creds issue` where its configuration was made)"
+            ) from None
+        raise NatsUnavailable(f"no NATS server answers at {redact_url(url)}: {said}") from None
+    finally:
+        refused_wait.cancel()
 
 
 async def _check_listening(url: str, timeout_s: float) -> None:

@@ -8,7 +8,8 @@
   nothing but its reads.
 - ``runner``: one op's container: publish that op's own events (never ``status`` or
   ``cancel``), hear that op's cancel subject and its own inbox, read the event stream's
-  last cancel for that op, and read artifacts (a model op loads one).
+  last cancel for that op, read artifacts (a model op loads one), and hand its own
+  artifacts to the dispatchers' upload service (never the object store itself).
 
 JetStream reads go through its API subjects (``$JS.API.*``): stream info, direct and
 message gets, and ephemeral consumers on the streams a role may read. Replies come to an
@@ -32,7 +33,9 @@ from runner.protocol import (
     OPS_BUCKET,
     OPS_SUBJECT_ROOT,
     SUBMITTER_PATTERN,
+    runner_inbox,
 )
+from runner.upload import open_subject
 
 Role = Literal["dispatcher", "submitter", "observer", "runner"]
 PERSON_ROLES: tuple[Role, ...] = ("submitter", "observer")
@@ -46,11 +49,6 @@ READABLE_STREAMS = (
     f"KV_{DISPATCHERS_BUCKET}",
     f"OBJ_{ARTIFACTS_BUCKET}",
 )
-
-
-def runner_inbox(op_id: str) -> str:
-    """The inbox prefix of one op's runner (its replies arrive under it)."""
-    return f"_INBOX_{op_id}"
 
 
 def _read_api(streams: tuple[str, ...]) -> tuple[str, ...]:
@@ -99,6 +97,9 @@ def permissions(role: Role, op_id: str = "", name: str = "") -> Permissions:
         return Permissions(
             pub_allow=(
                 *(f"{OPS_SUBJECT_ROOT}.{op_id}.{event}" for event in RUNNER_EVENTS),
+                # its artifacts, through the dispatchers' upload service (runner/upload.py)
+                open_subject(op_id),
+                f"{open_subject(op_id)}.>",
                 # its own op's last cancel (a direct get by subject), nothing else of the stream
                 f"$JS.API.DIRECT.GET.{EVENTS_STREAM}.{OPS_SUBJECT_ROOT}.{op_id}.cancel",
                 *_read_api((f"OBJ_{ARTIFACTS_BUCKET}",)),

@@ -52,9 +52,11 @@ from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, Owner, retrying
 from dispatcher.outcome import OpRun
 from dispatcher.placement import Placement, Reservation, why_never_placeable
 from dispatcher.rejections import dead_letter, reject
+from dispatcher.runner_access import RunnerAccess
 from dispatcher.runner_images import ImageProvider, RunnerImages
 from dispatcher.supervisor import Supervisor
 from dispatcher.sweep_coordinator import CoordinatorDeps, SweepCoordinator
+from dispatcher.uploads import UploadService
 from runner.protocol import (
     DISPATCHER_CONSUMER,
     DISPATCHER_PING_SUBJECT,
@@ -88,6 +90,7 @@ class Dispatcher:
         image_source: docker.DockerClient | None = None,
         own_only: bool = False,
         check_reachability: bool = False,
+        runner_access: RunnerAccess | None = None,
     ) -> None:
         self.config = config
         self.check_reachability = check_reachability
@@ -100,6 +103,8 @@ class Dispatcher:
         self.placement = Placement(handles.reservations, self.dispatcher_id)
         self.hosts_kv = handles.hosts
         self.artifacts = handles.artifacts
+        # runners hold no object-store write: their artifacts come through this service
+        self.uploads = UploadService(nc, handles.artifacts, may_upload=self._is_live)
         self.leases_kv = handles.dispatchers
         self.images = RunnerImages(fleet, image, source=image_source, config=config.images)
         self.runs: dict[str, OpRun] = {}
@@ -123,6 +128,7 @@ class Dispatcher:
             self.dispatcher_id,
             self.images.on,
             on_requeued=self._handle_direct if own_only else None,
+            access=runner_access,
         )
         limit = config.dispatcher.max_concurrent_ops
         self.max_concurrent = limit or max(8, int(sum(h.cpus for h in fleet.all_hosts()) * 8))
@@ -139,6 +145,7 @@ class Dispatcher:
         self.supervisor.deployment = await deployment_id(self.js)
         await self.lease.renew()
         background = [asyncio.create_task(self.lease.run(self._verify_ownership))]
+        await self.uploads.start()
         subs = [
             await self.nc.subscribe(DISPATCHER_PING_SUBJECT, cb=self._on_ping),
             await self.nc.subscribe(f"{OPS_SUBJECT_ROOT}.*.cancel", cb=self._on_cancel),
@@ -177,6 +184,7 @@ class Dispatcher:
             if self._tasks:
                 log.info("dispatcher %s waiting for %d running ops", self.dispatcher_id, len(self.runs))
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            await self.uploads.stop()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -318,6 +326,11 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatcher %s: host refresh failed", self.dispatcher_id)
                 await asyncio.sleep(interval_s)
+
+    async def _is_live(self, op_id: str) -> bool:
+        """Whether an op's container may be running now (so may upload artifacts)."""
+        record = await self.store.find(op_id)
+        return record is not None and record.state in ("starting", "running")
 
     async def _verify_ownership(self) -> None:
         """After a lease gap: every op this dispatcher runs may have been taken over."""

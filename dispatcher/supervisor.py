@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -43,6 +44,7 @@ from dispatcher.opstore import OpStore, Owner, retrying
 from dispatcher.outcome import OpRun, classify
 from dispatcher.placement import Placement
 from dispatcher.reachability import hint
+from dispatcher.runner_access import RunnerAccess
 from runner.protocol import (
     ACTIVE_STATES,
     EVENTS_STREAM,
@@ -109,8 +111,10 @@ class Supervisor:
         dispatcher_id: str,
         image_on: Callable[[DockerEngine, bool], Awaitable[str]],
         on_requeued: OnRequeued | None = None,
+        access: RunnerAccess | None = None,
     ) -> None:
         self.config = config
+        self.access = access or RunnerAccess()
         self.nc = nc
         self.js = js
         self.store = store
@@ -197,7 +201,9 @@ class Supervisor:
             # the runner gives up a little before the dispatcher does, and says why
             ready_s=max(1.0, cfg.runner_ready_s * 0.7),
             cancel_after_seq=record.cancel_floor_seq,
+            creds_stdin=self.access.authority is not None,
         )
+        creds = self.access.credentials(run.op_id, run.job.timeout_s, cfg)
         host_config = hardened_host_config(
             run.engine.api,
             record.resources,
@@ -216,6 +222,7 @@ class Supervisor:
             deployment=self.deployment,
             spec_json=encode(spec).decode(),
             host_config=host_config,
+            stdin_secret=bool(creds),
         )
         await self.store.transition(
             run.op_id,
@@ -226,7 +233,7 @@ class Supervisor:
             container_id=run.container_id,
         )
         run.started_ts = now()
-        await run.engine.start(run.container_id)
+        await run.engine.start(run.container_id, stdin=creds)
         run.running_ts = now()
         run.last_seen = time.monotonic()
         await self.store.transition(run.op_id, "running", allowed_from={"starting"}, owner=run.owner)
@@ -242,7 +249,10 @@ class Supervisor:
             return self.config.nats.runner_url
         if host_name not in self._runner_urls:
             connected = self.nc.connected_url.geturl() if self.nc.connected_url else self.config.nats.url
-            self._runner_urls[host_name] = await engine.call(engine.runner_nats_url, connected)
+            url = await engine.call(engine.runner_nats_url, connected)
+            if self.access.expose is not None:  # an embedded server answers there too
+                await self.access.expose(urlparse(url).hostname or "")
+            self._runner_urls[host_name] = url
         return self._runner_urls[host_name]
 
     # -- watching ------------------------------------------------------------------------

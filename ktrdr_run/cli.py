@@ -75,6 +75,7 @@ async def cmd_dispatcher(args: argparse.Namespace, config: Config) -> int:
                 image,
                 image_source=client,
                 check_reachability=True,
+                runner_access=session.runner_access(),
             )
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):

@@ -23,13 +23,16 @@ from typing import Any, Self
 from urllib.parse import urlparse
 
 from nats.aio.client import Client as NATS
+from nats.aio.client import Credentials, RawCredentials
 from nats.js import api
 
+from dispatcher.authority import Authority
 from dispatcher.config import Config
 from dispatcher.embedded import EmbeddedNats, is_local_url
 from dispatcher.errors import ConfigError, NatsUnavailable, OpNotFound
 from dispatcher.jetstream import JetStreamHandles, SetupMode, connect, ensure_jetstream
 from dispatcher.opstore import OpStore
+from dispatcher.runner_access import RunnerAccess
 from runner.protocol import (
     DISPATCHER_PING_SUBJECT,
     EVENTS_STREAM,
@@ -94,6 +97,8 @@ class Session:
         self.handles: JetStreamHandles | None = None
         self.store: OpStore | None = None
         self.embedded: EmbeddedNats | None = None
+        #: The deployment's trust chain when this state directory holds it.
+        self.authority: Authority | None = None
         self._dispatcher: Any = None
         self._dispatcher_task: asyncio.Task[None] | None = None
         self._fleet: Any = None
@@ -107,15 +112,37 @@ class Session:
 
     # -- setup ----------------------------------------------------------------------------
 
+    def _credentials(self) -> Credentials | None:
+        """What this session connects with: the configured file, else the deployment's own
+        credentials when this state directory holds its authority, else none."""
+        cfg = self.config.nats
+        if cfg.creds:
+            path = Path(cfg.creds).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"[nats] creds: no credentials file at {path}")
+            return str(path)
+        if self.authority is not None:
+            return RawCredentials(self.authority.mint("dispatcher", "ktrdr-run"))
+        return None
+
+    def runner_access(self) -> RunnerAccess:
+        """How a dispatcher running on this session gives its containers NATS access."""
+        return RunnerAccess(
+            authority=self.authority,
+            expose=self.embedded.expose if self.embedded is not None else None,
+        )
+
     async def open(self) -> None:
         """Connect (or start NATS), bind JetStream, and make sure a dispatcher runs."""
         cfg = self.config.nats
+        self.authority = Authority.find(self.config.state_path())
         try:
             self.nc = await connect(
                 cfg.url,
                 name="ktrdr-run-cli",
                 connect_timeout_s=cfg.connect_timeout_s,
                 retry=False,
+                credentials=self._credentials(),
                 **self._callbacks,
             )
         except NatsUnavailable:
@@ -124,19 +151,35 @@ class Session:
             port = urlparse(cfg.url).port or 4222
             store = Path(cfg.store_dir).expanduser() if cfg.store_dir else self.config.state_path() / "nats"
             self._say(f"no NATS at {redact_url(cfg.url)}: starting an embedded nats-server (store {store})")
-            self.embedded = EmbeddedNats(store, port, sync_always=cfg.embedded_sync == "always")
-            await self.embedded.start()
-            self.nc = await connect(
-                self.embedded.url,
-                name="ktrdr-run-cli",
-                connect_timeout_s=cfg.connect_timeout_s,
-                **self._callbacks,
+            # secure by default: operator mode with this deployment's own trust chain
+            self.authority = Authority.load_or_create(self.config.state_path())
+            self.embedded = EmbeddedNats(
+                store,
+                port,
+                sync_always=cfg.embedded_sync == "always",
+                trust=self.authority.trust_block(),
             )
+            await self.embedded.start()
+            try:
+                self.nc = await connect(
+                    self.embedded.url,
+                    name="ktrdr-run-cli",
+                    connect_timeout_s=cfg.connect_timeout_s,
+                    credentials=self._credentials(),
+                    **self._callbacks,
+                )
+            except BaseException:
+                await self.close()
+                raise
         try:
-            self.handles = await ensure_jetstream(self.nc, self.config, mode=self.setup)
+            await self._bind()
         except BaseException:
             await self.close()  # stop an embedded server this session started
             raise
+
+    async def _bind(self) -> None:
+        assert self.nc is not None
+        self.handles = await ensure_jetstream(self.nc, self.config, mode=self.setup)
         for line in self.handles.created if self.setup == "apply" else ():
             self._say(f"JetStream: created {line}")
         for line in self.handles.updated:
@@ -173,6 +216,7 @@ class Session:
             image_source=client,
             own_only=True,
             check_reachability=True,
+            runner_access=self.runner_access(),
         )
         self._dispatcher_task = asyncio.create_task(self._dispatcher.run())
 
@@ -188,6 +232,7 @@ class Session:
         if self._fleet is not None:
             self._fleet.close()
         if self.embedded is not None:
+            await self.embedded.close_exposed()
             await asyncio.to_thread(self.embedded.stop)
 
     # -- operations -----------------------------------------------------------------------

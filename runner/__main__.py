@@ -1,9 +1,9 @@
 """Container entrypoint: ``python -m runner``.
 
-Normally the dispatcher hands the op over in the ``KTRDR_SPEC`` environment variable and
-the runner reports over JetStream. ``python -m runner --stdout KIND [k=v ...]`` runs an op
-with no NATS at all and prints its result as JSON (used by the overhead benchmark and
-for checking a host by hand).
+Normally the dispatcher hands the op over in the ``KTRDR_SPEC`` environment variable (and
+the op's NATS credentials on standard input) and the runner reports over JetStream.
+``python -m runner --stdout KIND [k=v ...]`` runs an op with no NATS at all and prints
+its result as JSON (used by the overhead benchmark and for checking a host by hand).
 """
 
 from __future__ import annotations
@@ -65,7 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - any malformed spec is reported plainly
         print(f"error: {SPEC_ENV} is not a valid runner spec: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
-    return asyncio.run(run_op(spec))
+    creds = ""
+    if spec.creds_stdin:
+        from runner.transport import EXIT_RUNNER_UNREACHABLE, read_secret
+
+        try:
+            creds = read_secret(sys.stdin.fileno(), timeout_s=spec.ready_s)
+        except (TimeoutError, OSError, UnicodeDecodeError) as exc:
+            print(f"runner: no NATS credentials on standard input ({exc})", file=sys.stderr, flush=True)
+            return EXIT_RUNNER_UNREACHABLE
+    return asyncio.run(run_op(spec, creds=creds))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,12 @@ def op_subject(op_id: str, event: str) -> str:
     return f"{OPS_SUBJECT_ROOT}.{op_id}.{event}"
 
 
+def runner_inbox(op_id: str) -> str:
+    """The inbox prefix of one op's runner: its replies arrive under it, and its
+    credentials let it hear nothing else."""
+    return f"_INBOX_{op_id}"
+
+
 def op_events_filter(op_id: str) -> str:
     """A subject filter matching every event of one op."""
     return f"{OPS_SUBJECT_ROOT}.{op_id}.>"
@@ -383,7 +389,8 @@ Event = (
 
 
 class RunnerSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Everything the runner needs, passed as JSON in the KTRDR_SPEC environment variable."""
+    """Everything the runner needs but its credentials, passed as JSON in the KTRDR_SPEC
+    environment variable."""
 
     op_id: str
     kind: str
@@ -398,6 +405,9 @@ class RunnerSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
     ready_s: float = 15.0
     #: Ignore cancel requests stored at or below this event-stream sequence (an earlier op).
     cancel_after_seq: int = 0
+    #: The op's NATS credentials come on standard input (a ``.creds`` text, then EOF),
+    #: within ``ready_s``: never in the environment, which ``docker inspect`` shows.
+    creds_stdin: bool = False
 
 
 class DeadLetter(Struct, frozen=True):

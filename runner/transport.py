@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import signal
 import sys
 import threading
@@ -23,11 +25,11 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta
 from nats.js.errors import NotFoundError
 
 from runner import registry
 from runner.errors import Cancelled, InvalidParams, KtrdrRunnerError, UnknownKind
+from runner.natscreds import CredsError, parse_creds
 from runner.protocol import (
     ARTIFACTS_BUCKET,
     EVENTS_STREAM,
@@ -45,8 +47,10 @@ from runner.protocol import (
     now,
     op_subject,
     redact_url,
+    runner_inbox,
 )
 from runner.sdk import CancelToken, OpContext
+from runner.upload import upload_artifact
 
 log = logging.getLogger("ktrdr.runner")
 
@@ -110,15 +114,16 @@ class NatsSink:
         return bytes(result.data or b"")
 
     async def _put(self, object_name: str, data: bytes, name: str, content_type: str) -> None:
-        if self._store is None:
-            self._store = await self._js.object_store(ARTIFACTS_BUCKET)
-        try:
-            await self._store.get_info(object_name)
-            return  # identical content is already stored
-        except NotFoundError:
-            pass
-        # the description carries the media type: clients name saved files by it
-        await self._store.put(object_name, data, meta=ObjectMeta(name=object_name, description=content_type))
+        # through the dispatchers' upload service: a runner has no object-store write
+        await upload_artifact(
+            self._nc,
+            self._spec.op_id,
+            object_name,
+            data,
+            content_type,
+            name=name,
+            timeout_s=self._spec.result_deadline_s * 0.9,  # inside the caller's own wait
+        )
         log.info("stored artifact %s as %s (%d bytes)", name, object_name, len(data))
 
     async def pump(self) -> None:
@@ -174,7 +179,41 @@ class NatsUnreachable(Exception):
     """The runner could not reach NATS within its ready deadline."""
 
 
-async def connect(spec: RunnerSpec) -> NATS:
+def read_secret(fd: int, *, timeout_s: float, max_bytes: int = 64 * 1024) -> str:
+    """Everything written to ``fd`` until its end, within ``timeout_s`` (TimeoutError
+    otherwise): how the op's credentials arrive, through a pipe rather than the
+    environment."""
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            raise TimeoutError(f"nothing complete arrived within {timeout_s:g}s")
+        readable, _, _ = select.select([fd], [], [], left_s)
+        if not readable:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks).decode()
+        size += len(chunk)
+        if size > max_bytes:
+            raise OSError(f"more than {max_bytes} bytes")
+        chunks.append(chunk)
+
+
+def _auth_options(creds: str) -> dict[str, Any]:
+    """nats-py options that present ``creds`` (a ``.creds`` text); none without."""
+    if not creds:
+        return {}
+    try:
+        user = parse_creds(creds)
+    except CredsError as exc:
+        raise NatsUnreachable(f"the credentials on standard input are unusable: {exc}") from None
+    return {"user_jwt_cb": user.jwt_cb(), "signature_cb": user.signature_cb()}
+
+
+async def connect(spec: RunnerSpec, creds: str = "") -> NATS:
     """Connect to the dispatcher's NATS within ``spec.ready_s``; afterwards reconnect by
     itself for as long as the op lives. :class:`NatsUnreachable` names the URL and the
     last error when the deadline passes (the dispatcher fails the op with that reason)."""
@@ -198,6 +237,9 @@ async def connect(spec: RunnerSpec) -> NATS:
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
                 error_cb=on_error,
+                # replies (JetStream acks, gets) come under an inbox only this op may hear
+                inbox_prefix=runner_inbox(spec.op_id),
+                **_auth_options(creds),
             ),
             timeout=spec.ready_s,
         )
@@ -208,13 +250,14 @@ async def connect(spec: RunnerSpec) -> NATS:
         ) from None
 
 
-async def run_op(spec: RunnerSpec) -> int:
-    """Run the op described by ``spec``; returns the process exit code."""
+async def run_op(spec: RunnerSpec, *, creds: str = "") -> int:
+    """Run the op described by ``spec`` (connecting with ``creds``, a ``.creds`` text,
+    when given); returns the process exit code."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     token = CancelToken()
     try:
-        nc = await connect(spec)
+        nc = await connect(spec, creds)
     except NatsUnreachable as exc:
         print(f"runner: {exc}", file=sys.stderr, flush=True)
         return EXIT_RUNNER_UNREACHABLE
@@ -234,7 +277,8 @@ async def run_op(spec: RunnerSpec) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, token.cancel, f"signal {signal.Signals(signum).name}")
     try:  # a cancel requested before we subscribed is still in the event stream
-        earlier = await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "cancel"))
+        # a direct get by subject: the one read of the stream a runner's credentials allow
+        earlier = await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "cancel"), direct=True)
         if (earlier.seq or 0) > spec.cancel_after_seq:  # not one meant for an earlier op
             token.cancel("cancel requested before start")
     except Exception:  # noqa: BLE001 - no earlier cancel request

@@ -176,9 +176,10 @@ def tmp_state() -> Iterator[Path]:
 
 @pytest.fixture
 async def nats_server(tmp_state: Path) -> AsyncIterator[EmbeddedNats]:
-    """A real nats-server with JetStream on a random port, listening where containers
-    can reach it."""
-    server = EmbeddedNats(tmp_state / "nats", free_port())
+    """A real nats-server with JetStream on a random port: an operator's own server,
+    without authentication (test_nats_auth covers the authenticated setup), listening
+    where containers can reach it."""
+    server = EmbeddedNats(tmp_state / "nats", free_port(), host="0.0.0.0")
     try:
         await server.start()
     except Exception as exc:  # noqa: BLE001 - any failure to start means unavailable

@@ -160,7 +160,7 @@ def test_schema_command_prints_json_schema(tmp_state: Path) -> None:
 
 
 async def test_embedded_server_listens_where_containers_reach_it(tmp_state: Path) -> None:
-    server = EmbeddedNats(tmp_state / "n", free_port())
+    server = EmbeddedNats(tmp_state / "n", free_port(), host="0.0.0.0")
     await server.start()
     try:
         nc = await nats.connect(server.url)

@@ -152,7 +152,7 @@ async def test_nats_killed_and_restarted_then_a_long_outage(
     config: Config, tmp_state: Path, docker_client: docker.DockerClient, no_leftover_containers: None
 ) -> None:
     # every acknowledged write is on disk (the server is killed, not stopped)
-    server = EmbeddedNats(tmp_state / "nats-sync", free_port(), sync_always=True)
+    server = EmbeddedNats(tmp_state / "nats-sync", free_port(), sync_always=True, host="0.0.0.0")
     await server.start()
     cfg = fault_config(
         msgspec.structs.replace(config, nats=msgspec.structs.replace(config.nats, url=server.url)), "nats"

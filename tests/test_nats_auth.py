@@ -25,8 +25,7 @@ from dispatcher.config import Config, NatsConfig
 from dispatcher.embedded import EmbeddedNats, free_port, nats_server_binary
 from dispatcher.jetstream import ensure_jetstream
 from dispatcher.natsjwt import CredentialError, decode_jwt, read_creds
-from dispatcher.roles import runner_inbox
-from runner.protocol import EVENTS_STREAM, OPS_BUCKET, op_subject
+from runner.protocol import EVENTS_STREAM, OPS_BUCKET, op_subject, runner_inbox
 from tests.conftest import run_cli, write_config
 
 pytestmark = [pytest.mark.nats]
