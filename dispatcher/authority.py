@@ -107,6 +107,9 @@ class Authority:
             self.operator, self.account.public, ACCOUNT_NAME, signing_keys=[self.signer.public]
         )
         return (
+            # a client's CONNECT line carries its JWT, and a role's permissions make it
+            # longer than the default limit (4 KiB)
+            "max_control_line: 32768\n"
             f"operator: {operator_jwt(self.operator, 'ktrdr-run', self.system.public)}\n"
             f"system_account: {self.system.public}\n"
             "resolver: MEMORY\n"

@@ -25,13 +25,17 @@ from typing import Literal
 from dispatcher.natsjwt import Permissions
 from runner.protocol import (
     ARTIFACTS_BUCKET,
+    DEAD_LETTER_STREAM,
+    DISPATCHER_CONSUMER,
     DISPATCHER_PING_SUBJECT,
     DISPATCHERS_BUCKET,
     EVENTS_STREAM,
     HOSTS_BUCKET,
+    JOBS_STREAM,
     JOBS_SUBJECT_ROOT,
     OPS_BUCKET,
     OPS_SUBJECT_ROOT,
+    RESERVATIONS_BUCKET,
     SUBMITTER_PATTERN,
     runner_inbox,
 )
@@ -71,9 +75,26 @@ def _read_api(streams: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(subjects)
 
 
+#: Every stream of the contract: people's tools look each one up (its configuration and
+#: counts, no messages), and the dispatchers' consumer, to check the deployment is set up
+#: before they bind.
+ALL_STREAMS = (
+    *READABLE_STREAMS,
+    JOBS_STREAM,
+    DEAD_LETTER_STREAM,
+    f"KV_{RESERVATIONS_BUCKET}",
+)
+
+
 def _reader(extra_pub: tuple[str, ...] = ()) -> Permissions:
     return Permissions(
-        pub_allow=(*_read_api(READABLE_STREAMS), DISPATCHER_PING_SUBJECT, *extra_pub),
+        pub_allow=(
+            *_read_api(READABLE_STREAMS),
+            *(f"$JS.API.STREAM.INFO.{stream}" for stream in ALL_STREAMS if stream not in READABLE_STREAMS),
+            f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.{DISPATCHER_CONSUMER}",
+            DISPATCHER_PING_SUBJECT,
+            *extra_pub,
+        ),
         sub_allow=("_INBOX.>",),
     )
 

@@ -31,6 +31,7 @@ from dispatcher.config import Config
 from dispatcher.embedded import EmbeddedNats, is_local_url
 from dispatcher.errors import ConfigError, NatsUnavailable, OpNotFound
 from dispatcher.jetstream import JetStreamHandles, SetupMode, connect, ensure_jetstream
+from dispatcher.natsjwt import CredentialError, decode_jwt, read_creds
 from dispatcher.opstore import OpStore
 from dispatcher.runner_access import RunnerAccess
 from runner.protocol import (
@@ -99,6 +100,9 @@ class Session:
         self.embedded: EmbeddedNats | None = None
         #: The deployment's trust chain when this state directory holds it.
         self.authority: Authority | None = None
+        #: The name a submitter credential (``[nats] creds``) publishes jobs under.
+        self.submitter_name = ""
+        self.may_dispatch = True
         self._dispatcher: Any = None
         self._dispatcher_task: asyncio.Task[None] | None = None
         self._fleet: Any = None
@@ -111,6 +115,19 @@ class Session:
         await self.close()
 
     # -- setup ----------------------------------------------------------------------------
+
+    def _configured_identity(self) -> tuple[str, str]:
+        """``(role, name)`` of the configured credentials file (``("", "")`` without one)."""
+        if not self.config.nats.creds:
+            return "", ""
+        try:
+            token, _key = read_creds(Path(self.config.nats.creds).expanduser().read_text())
+            claims = decode_jwt(token)
+        except (OSError, CredentialError) as exc:
+            raise ConfigError(f"[nats] creds: {exc}") from None
+        tags = claims.get("nats", {}).get("tags") or []
+        role = next((tag.removeprefix("role:") for tag in tags if str(tag).startswith("role:")), "")
+        return role, str(claims.get("name", ""))
 
     def _credentials(self) -> Credentials | None:
         """What this session connects with: the configured file, else the deployment's own
@@ -136,6 +153,11 @@ class Session:
         """Connect (or start NATS), bind JetStream, and make sure a dispatcher runs."""
         cfg = self.config.nats
         self.authority = Authority.find(self.config.state_path())
+        role, name = self._configured_identity()
+        # a submitter's credential may publish jobs only under its own name
+        self.submitter_name = name if role == "submitter" else ""
+        # people's credentials cannot run a dispatcher (no record writes)
+        self.may_dispatch = role in ("", "dispatcher")
         try:
             self.nc = await connect(
                 cfg.url,
@@ -189,7 +211,10 @@ class Session:
                 self._note(f"note: {line} — {CHANGED_ONLY_BY}")
         self.store = OpStore(self.handles.ops, self.handles.js)
         if self.need_dispatcher and not await self.dispatchers():
-            await self._start_dispatcher()
+            if self.may_dispatch:
+                await self._start_dispatcher()
+            else:
+                self._note("note: no dispatcher answers; the op waits in the queue until one starts")
 
     async def _start_dispatcher(self) -> None:
         from dispatcher.fleet import build_fleet
@@ -261,7 +286,7 @@ class Session:
             await self._dispatcher.submit_own(job)
             return job.job_id
         ack = await self.handles.js.publish(
-            job_subject(job.kind), encode(job), headers={"Nats-Msg-Id": job.job_id}
+            job_subject(job.kind, self.submitter_name), encode(job), headers={"Nats-Msg-Id": job.job_id}
         )
         if ack.duplicate:
             log.info("job %s was already submitted; following the existing op", job.job_id)
