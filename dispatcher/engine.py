@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -449,6 +450,8 @@ class DockerEngine:
         try:
             self.api.start(container_id)
             sock.sendall(data)
+            # end of input, even where the HTTP response still holds the socket open (TLS)
+            sock.shutdown(socket.SHUT_WR)
         finally:
             with contextlib.suppress(OSError):
                 sock.close()

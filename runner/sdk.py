@@ -16,10 +16,13 @@ import hashlib
 import math
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from runner.errors import Cancelled, KtrdrRunnerError
 from runner.protocol import ProgressSnapshot, now
+
+if TYPE_CHECKING:
+    from runner.isolation import Checks
 
 
 def artifact_name(data: bytes) -> str:
@@ -42,6 +45,10 @@ class Sink(Protocol):
 
     def fetch(self, object_name: str) -> bytes:
         """The bytes of a stored artifact; may block. KtrdrRunnerError when missing."""
+
+    def check_isolation(self) -> Checks:
+        """What this op's container can do to others (``runner.isolation``): check name
+        -> (denied | allowed | unknown, one sentence); blocks up to about 10 s."""
 
 
 class CancelToken:
@@ -161,6 +168,15 @@ class OpContext:
             )
         return data
 
+    def check_isolation(self) -> dict[str, dict[str, str]]:
+        """Try what this op's container must not be able to do (another op's subjects, a
+        job, an op record, another container): ``{"isolation": check -> "denied" |
+        "allowed" | "unknown", "isolation_notes": check -> what was tried and seen}``.
+        Blocks up to about 10 s; changes nothing even where a check is allowed."""
+        from runner.isolation import as_report
+
+        return as_report(self._sink.check_isolation())
+
 
 class LocalSink:
     """A sink that keeps everything in memory: tests and ``--stdout`` mode."""
@@ -188,6 +204,12 @@ class LocalSink:
             if object_name not in self.stored:
                 raise KtrdrRunnerError(f"no artifact {object_name!r} in the artifact store")
             return self.stored[object_name]
+
+    def check_isolation(self) -> Checks:
+        # no NATS here: only the network check runs for real
+        from runner.isolation import check_isolation_here
+
+        return check_isolation_here()
 
 
 def local_context(kind: str, op_id: str = "local", **kwargs: object) -> tuple[OpContext, LocalSink]:

@@ -29,6 +29,7 @@ from nats.js.errors import NotFoundError
 
 from runner import registry
 from runner.errors import Cancelled, InvalidParams, KtrdrRunnerError, UnknownKind
+from runner.isolation import Checks, Violations, check_isolation
 from runner.natscreds import CredsError, parse_creds
 from runner.protocol import (
     ARTIFACTS_BUCKET,
@@ -65,11 +66,19 @@ DATA_DIR = Path("/data")  # where the dispatcher mounts the data directory, read
 class NatsSink:
     """The SDK sink inside a container: non-blocking slots drained by an asyncio task."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, nc: NATS, js: JetStreamContext, spec: RunnerSpec):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        nc: NATS,
+        js: JetStreamContext,
+        spec: RunnerSpec,
+        violations: Violations | None = None,
+    ):
         self._loop = loop
         self._nc = nc
         self._js = js
         self._spec = spec
+        self._violations = violations  # what the connection's error callback records
         self._lock = threading.Lock()
         self._latest: ProgressSnapshot | None = None
         self._milestones: list[ProgressSnapshot] = []
@@ -95,6 +104,12 @@ class NatsSink:
     def fetch(self, object_name: str) -> bytes:
         future = asyncio.run_coroutine_threadsafe(self._get(object_name), self._loop)
         return future.result(timeout=self._spec.result_deadline_s)
+
+    def check_isolation(self) -> Checks:
+        future = asyncio.run_coroutine_threadsafe(
+            check_isolation(self._nc, self._violations, self._spec.nats_url), self._loop
+        )
+        return future.result(timeout=60)  # check_isolation keeps its own, shorter, deadline
 
     def artifact(self, name: str, object_name: str, data: bytes, content_type: str) -> None:
         future = asyncio.run_coroutine_threadsafe(
@@ -213,13 +228,16 @@ def _auth_options(creds: str) -> dict[str, Any]:
     return {"user_jwt_cb": user.jwt_cb(), "signature_cb": user.signature_cb()}
 
 
-async def connect(spec: RunnerSpec, creds: str = "") -> NATS:
+async def connect(spec: RunnerSpec, creds: str = "", violations: Violations | None = None) -> NATS:
     """Connect to the dispatcher's NATS within ``spec.ready_s``; afterwards reconnect by
     itself for as long as the op lives. :class:`NatsUnreachable` names the URL and the
-    last error when the deadline passes (the dispatcher fails the op with that reason)."""
+    last error when the deadline passes (the dispatcher fails the op with that reason).
+    ``violations`` records the server's permissions violations (probe's isolation check)."""
     last_error: list[str] = []
 
     async def on_error(exc: Exception) -> None:
+        if violations is not None and violations.record(exc):
+            return  # provoked on purpose by an isolation check, which reports it
         said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if said not in last_error:  # each distinct problem once: retries do not flood the log
             log.warning("nats: %s", exc)
@@ -256,13 +274,14 @@ async def run_op(spec: RunnerSpec, *, creds: str = "") -> int:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     token = CancelToken()
+    violations = Violations()
     try:
-        nc = await connect(spec, creds)
+        nc = await connect(spec, creds, violations)
     except NatsUnreachable as exc:
         print(f"runner: {exc}", file=sys.stderr, flush=True)
         return EXIT_RUNNER_UNREACHABLE
     js = nc.jetstream()
-    sink = NatsSink(loop, nc, js, spec)
+    sink = NatsSink(loop, nc, js, spec, violations)
     op_id = spec.op_id
 
     async def on_cancel(msg: Any) -> None:

@@ -25,9 +25,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def read_op_events(url: str, op_id: str, timeout_s: float = 90.0) -> list[dict[str, Any]]:
+async def read_op_events(
+    url: str, op_id: str, timeout_s: float = 90.0, *, creds: str = ""
+) -> list[dict[str, Any]]:
     """Read an op's events as a plain NATS client would: raw JSON, no ktrdr-run code."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **({"user_credentials": creds} if creds else {}))
     js = nc.jetstream()
     events: list[dict[str, Any]] = []
     sub = await js.subscribe(

@@ -39,10 +39,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def publish_job(url: str, job: dict[str, Any], msg_id: str | None = None) -> str:
-    nc = await nats.connect(url)
+async def publish_job(
+    url: str, job: dict[str, Any], msg_id: str | None = None, *, creds: str = "", submitter: str = ""
+) -> str:
+    """Publish a job as a plain NATS client would (``creds``: a .creds file, if the
+    server wants one; a submitter's publishes under its name)."""
+    nc = await nats.connect(url, **({"user_credentials": creds} if creds else {}))
     await nc.jetstream().publish(
-        f"ktrdr.jobs.{job['kind']}",
+        f"ktrdr.jobs.{job['kind']}" + (f".{submitter}" if submitter else ""),
         json.dumps(job).encode(),
         headers={"Nats-Msg-Id": msg_id or job["job_id"]},
     )
@@ -61,8 +65,8 @@ async def publish_cancel(url: str, op_id: str, reason: str = "test") -> float:
     return sent
 
 
-async def get_record(url: str, op_id: str) -> dict[str, Any]:
-    nc = await nats.connect(url)
+async def get_record(url: str, op_id: str, *, creds: str = "") -> dict[str, Any]:
+    nc = await nats.connect(url, **({"user_credentials": creds} if creds else {}))
     try:
         entry = await (await nc.jetstream().key_value("ktrdr_ops")).get(op_id)
         return dict(json.loads(entry.value))
@@ -70,11 +74,13 @@ async def get_record(url: str, op_id: str) -> dict[str, Any]:
         await nc.close()
 
 
-async def wait_for_state(url: str, op_id: str, states: set[str], timeout_s: float = 60) -> dict[str, Any]:
+async def wait_for_state(
+    url: str, op_id: str, states: set[str], timeout_s: float = 60, *, creds: str = ""
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            record = await get_record(url, op_id)
+            record = await get_record(url, op_id, creds=creds)
             if record["state"] in states:
                 return record
         except Exception:  # noqa: BLE001 - not created yet

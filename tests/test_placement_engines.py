@@ -9,18 +9,23 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import docker
 import msgspec
 import nats
 import pytest
+from nats.aio.client import RawCredentials
 
 from discovery.config import DiscoveryConfig, EngineConfig, GpuSpec, StaticGpuHost
-from dispatcher.config import Config
+from dispatcher.authority import Authority, write_secret
+from dispatcher.config import Config, NatsConfig
+from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import DockerEngine
 from dispatcher.fleet import Fleet, build_fleet
 from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.runner_access import RunnerAccess
 from dispatcher.service import Dispatcher
 from runner.protocol import TERMINAL_STATES
 from tests.conftest import SESSION_TAG
@@ -32,7 +37,7 @@ from tests.second_dockerd import (
     stop_second_dockerd,
 )
 from tests.test_core_path import read_op_events
-from tests.test_lifecycle import publish_job, wait_for_state
+from tests.test_lifecycle import get_record, publish_job, wait_for_state
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 
@@ -49,12 +54,29 @@ def with_discovery(config: Config, discovery: DiscoveryConfig, suffix: str) -> C
     )
 
 
+async def wait_for_progress(url: str, op_id: str, creds: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = await get_record(url, op_id, creds=creds)
+        if (record.get("progress") or {}).get("percent", 0) > 0:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"op {op_id} reported no progress within {timeout_s}s")
+
+
 @contextlib.asynccontextmanager
-async def start(config: Config, image: str) -> AsyncIterator[tuple[Dispatcher, Fleet]]:
-    nc = await connect(config.nats.url, name="test")
+async def start(
+    config: Config, image: str, authority: Authority | None = None
+) -> AsyncIterator[tuple[Dispatcher, Fleet]]:
+    """A dispatcher on ``config``; with ``authority`` it connects with the deployment's
+    credentials and gives every op its own (on the container's stdin)."""
+    creds = RawCredentials(authority.mint("dispatcher", "test")) if authority else None
+    nc = await connect(config.nats.url, name="test", credentials=creds)
     handles = await ensure_jetstream(nc, config, mode="apply")
     fleet, _client = await build_fleet(config)
-    service = Dispatcher(config, nc, handles, fleet, lambda: image)
+    service = Dispatcher(
+        config, nc, handles, fleet, lambda: image, runner_access=RunnerAccess(authority=authority)
+    )
     task = asyncio.create_task(service.run(idle_s=0.3))
     try:
         yield service, fleet
@@ -74,11 +96,18 @@ async def wait_hosts(fleet: Fleet, count: int, timeout_s: float = 30) -> None:
 
 async def test_ops_spread_over_two_engines_and_move_when_one_stops(
     config: Config,
+    tmp_state: Path,
     runner_image: str,
     docker_client: docker.DockerClient,
-    js_handles: JetStreamHandles,
     no_leftover_containers: None,
 ) -> None:
+    """On an authenticated server: each op's credentials reach its container on either
+    engine (the remote one over TLS) through its standard input."""
+    authority = Authority.load_or_create(tmp_state)
+    server = EmbeddedNats(tmp_state / "secured", free_port(), host="0.0.0.0", trust=authority.trust_block())
+    await server.start()
+    creds = str(write_secret(tmp_state / "tester.creds", authority.mint("submitter", "tester")))
+    config = msgspec.structs.replace(config, nats=NatsConfig(url=server.url, embedded=False))
     second = await asyncio.to_thread(start_second_dockerd, docker_client, runner_image)
     try:
         engine2 = EngineConfig(
@@ -89,7 +118,7 @@ async def test_ops_spread_over_two_engines_and_move_when_one_stops(
             tls_key=str(second.client_key),
         )
         cfg = with_discovery(config, DiscoveryConfig(engines=[engine2], health_interval_s=1.0), "two")
-        async with start(cfg, runner_image) as (service, fleet):
+        async with start(cfg, runner_image, authority) as (service, fleet):
             await wait_hosts(fleet, 2)
             local = next(h.name for h in fleet.hosts() if h.name != "engine2")
             per_engine = min(h.cpus for h in fleet.hosts())
@@ -101,18 +130,23 @@ async def test_ops_spread_over_two_engines_and_move_when_one_stops(
                     "params": {"hold_s": 8},
                     "resources": {"cpus": per_engine / 2},
                 }
-                await publish_job(cfg.nats.url, job)
-            first = [await wait_for_state(cfg.nats.url, op_id, {"running"}, timeout_s=60) for op_id in ids]
+                await publish_job(cfg.nats.url, job, creds=creds, submitter="tester")
+            first = [await wait_for_state(cfg.nats.url, op_id, {"running"}, 60, creds=creds) for op_id in ids]
             placed = {r["op_id"]: r["host"] for r in first}
             assert sorted(placed.values()) == sorted([local, local, "engine2", "engine2"]), placed
+            for op_id in ids:  # each runner got onto NATS with its own credentials: it reports
+                await wait_for_progress(cfg.nats.url, op_id, creds)
 
             await asyncio.to_thread(second.process.terminate)  # engine2 goes away mid-run
             records = [
-                await wait_for_state(cfg.nats.url, op_id, TERMINAL_STATES, timeout_s=120) for op_id in ids
+                await wait_for_state(cfg.nats.url, op_id, TERMINAL_STATES, timeout_s=120, creds=creds)
+                for op_id in ids
             ]
             assert service.fleet.is_down("engine2")
+            events = {op_id: await read_op_events(cfg.nats.url, op_id, 5, creds=creds) for op_id in ids}
     finally:
         await asyncio.to_thread(stop_second_dockerd, second)
+        await asyncio.to_thread(server.stop)
     # a killed engine's networks outlive it as Linux bridges; left, they use up the pools
     assert links_in(second.pool) == [], "the stopped engine's bridges are still there"
     assert [r["state"] for r in records] == ["completed"] * 4, [r.get("error") for r in records]
@@ -121,11 +155,7 @@ async def test_ops_spread_over_two_engines_and_move_when_one_stops(
             # moved to the engine that stays; a dockerd shutting down still answers pings for
             # a while, so an attempt may go back to it and fail to start before it is gone
             assert record["host"] == local and record["attempts"] >= 2
-            states = [
-                e["state"]
-                for e in await read_op_events(cfg.nats.url, record["op_id"], 5)
-                if e["event"] == "status"
-            ]
+            states = [e["state"] for e in events[record["op_id"]] if e["event"] == "status"]
             assert "lost" in states, states
         else:
             assert record["attempts"] == 1

@@ -29,14 +29,18 @@ from nats.aio.client import RawCredentials
 from dispatcher.authority import AUTH_DIR, AUTHORITY_FILE, Authority, write_secret
 from dispatcher.config import Config, NatsConfig
 from dispatcher.embedded import EmbeddedNats, free_port
-from dispatcher.engine import RUNNER_NETWORK
+from dispatcher.engine import RUNNER_NETWORK, RUNNER_USER, ensure_runner_network, hardened_host_config
 from dispatcher.jetstream import connect, ensure_jetstream
 from ktrdr_run.session import Session
+from runner.isolation import candidate_addresses
 from runner.protocol import TERMINAL_STATES, Job, OpRecord, Resources
 from tests.conftest import run_cli, write_config
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 
+ISOLATION_CHECKS = ("publish_other_op", "publish_job", "write_op_record", "hear_other_op", "reach_container")
+PYTHON = "/opt/ktrdr/venv/bin/python"
+LISTEN = "import socket, time\ns = socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen(); time.sleep(60)"
 #: What a credential looks like: a creds file's armour, a JWT's header, an nkey seed.
 SECRET_PATTERNS = (r"BEGIN NATS", r"NKEY SEED", r"eyJ0eXAiOiJKV1Qi", r"\bS[UAO][A-Z2-7]{54,}")
 
@@ -92,7 +96,11 @@ async def wait_record(session: Session, op_id: str, states: set[str], timeout_s:
 
 
 async def test_the_default_setup_is_authenticated_confined_and_hides_credentials(
-    default_config: Config, tmp_state: Path, docker_client: docker.DockerClient, no_leftover_containers: None
+    default_config: Config,
+    tmp_state: Path,
+    docker_client: docker.DockerClient,
+    runner_image: str,
+    no_leftover_containers: None,
 ) -> None:
     url = default_config.nats.url
     port = int(url.rsplit(":", 1)[1])
@@ -115,22 +123,49 @@ async def test_the_default_setup_is_authenticated_confined_and_hides_credentials
             errors,
         )
 
-        job = Job(
-            job_id=new_id("secure"),
-            kind="probe",
-            params={"hold_s": 3},
-            resources=Resources(cpus=0.25, memory_gb=0.25),
-        )
-        op_id = await session.submit(job)
-        running = await wait_record(session, op_id, {"running"})
-        inspected = docker_client.api.inspect_container(running.container_id)
-        shown = json.dumps({"Config": inspected["Config"], "HostConfig": inspected["HostConfig"]})
-        for pattern in SECRET_PATTERNS:
-            assert not re.search(pattern, shown), f"docker inspect shows a credential ({pattern})"
-        assert inspected["Config"]["OpenStdin"] is True  # the credentials came that way
-
-        done = await wait_record(session, op_id, TERMINAL_STATES)
+        # a neighbour on the runners' network that would answer anyone reaching it
+        api = docker_client.api
+        await asyncio.to_thread(ensure_runner_network, api, "local")
+        peer = api.create_container(
+            runner_image,
+            command=[PYTHON, "-c", LISTEN],
+            entrypoint=[],
+            user=RUNNER_USER,
+            labels={"ktrdr.test": "secure-default-peer"},
+            host_config=hardened_host_config(
+                api, Resources(cpus=0.1, memory_gb=0.125), pids_limit=16, scratch_mb=16
+            ),
+        )["Id"]
+        api.start(peer)
+        try:
+            job = Job(
+                job_id=new_id("secure"),
+                kind="probe",
+                params={"hold_s": 3, "check_isolation": True},
+                resources=Resources(cpus=0.25, memory_gb=0.25),
+            )
+            op_id = await session.submit(job)
+            running = await wait_record(session, op_id, {"running"})
+            probe_net = api.inspect_container(running.container_id)["NetworkSettings"]["Networks"][
+                RUNNER_NETWORK
+            ]
+            peer_ip = api.inspect_container(peer)["NetworkSettings"]["Networks"][RUNNER_NETWORK]["IPAddress"]
+            inspected = api.inspect_container(running.container_id)
+            shown = json.dumps({"Config": inspected["Config"], "HostConfig": inspected["HostConfig"]})
+            for pattern in SECRET_PATTERNS:
+                assert not re.search(pattern, shown), f"docker inspect shows a credential ({pattern})"
+            assert inspected["Config"]["OpenStdin"] is True  # the credentials came that way
+            done = await wait_record(session, op_id, TERMINAL_STATES)
+        finally:
+            api.remove_container(peer, force=True)
         assert done.state == "completed", done.error
+        assert done.result is not None
+        # every way out of its own op is closed, the neighbour included
+        assert done.result["isolation"] == dict.fromkeys(ISOLATION_CHECKS, "denied"), done.result[
+            "isolation_notes"
+        ]
+        tried = candidate_addresses(probe_net["IPAddress"], probe_net["IPPrefixLen"], probe_net["Gateway"])
+        assert peer_ip in tried, (peer_ip, tried)
 
         # the server answers on loopback and on the runners' gateway, nowhere else
         network = docker_client.api.inspect_network(RUNNER_NETWORK)

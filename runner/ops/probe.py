@@ -5,7 +5,9 @@ the user, whether the root filesystem is read-only, capabilities, no-new-privile
 the GPUs visible. With ``hold_s`` it stays running that long, reporting progress and
 honouring cancel, to test cancellation and failover on a host. ``allocate_mb`` writes
 that much memory (to check the memory limit), ``ignore_cancel`` makes it deaf to cancel
-(to check forced kills), ``fail`` / ``exit_code`` make it fail.
+(to check forced kills), ``fail`` / ``exit_code`` make it fail. ``check_isolation`` tries
+what the op's container must not be able to do (``runner.isolation``) and reports each
+check as ``isolation`` (denied / allowed / unknown) with ``isolation_notes``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class ProbeParams(Struct, frozen=True, forbid_unknown_fields=True):
     exit_code: Annotated[int, Meta(ge=0, le=255)] = 0
     allocate_mb: Annotated[int, Meta(ge=0, le=1_048_576)] = 0
     ignore_cancel: bool = False
+    check_isolation: bool = False
 
 
 def _read(path: str) -> str | None:
@@ -164,6 +167,11 @@ def probe(ctx: OpContext, params: ProbeParams) -> dict[str, Any]:
         blob = b"\x01" * (params.allocate_mb * 1024 * 1024)  # every page written
         report["allocated_mb"] = len(blob) // (1024 * 1024)
         del blob
+    if params.check_isolation:
+        ctx.progress(0.0, "checking isolation", step="isolation")
+        report.update(ctx.check_isolation())
+        allowed = sorted(name for name, verdict in report["isolation"].items() if verdict == "allowed")
+        ctx.log(f"probe: isolation {report['isolation']}" + (f"; ALLOWED: {allowed}" if allowed else ""))
     if params.hold_s > 0:
         ticks = max(1, round(params.hold_s / params.tick_s))
         for tick in range(1, ticks + 1):
