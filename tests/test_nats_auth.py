@@ -25,7 +25,7 @@ from dispatcher.config import Config, NatsConfig
 from dispatcher.embedded import EmbeddedNats, free_port, nats_server_binary
 from dispatcher.jetstream import ensure_jetstream
 from dispatcher.natsjwt import CredentialError, decode_jwt, read_creds
-from runner.protocol import EVENTS_STREAM, OPS_BUCKET, op_subject, runner_inbox
+from runner.protocol import ARTIFACTS_BUCKET, EVENTS_STREAM, OPS_BUCKET, op_subject, runner_inbox
 from tests.conftest import run_cli, write_config
 
 pytestmark = [pytest.mark.nats]
@@ -171,6 +171,9 @@ async def test_a_runner_publishes_only_its_own_ops_events(server: Server) -> Non
         op_subject("op-a", "cancel"),
         "ktrdr.jobs.probe",
         f"$KV.{OPS_BUCKET}.op-a",
+        "ktrdr.uploads.op-b",  # another op's uploads
+        f"$O.{ARTIFACTS_BUCKET}.M.c2hhMjU2LXg",  # the object store's write side
+        f"$O.{ARTIFACTS_BUCKET}.C.chunk",
     ):
         await runner.nc.publish(subject, b"{}")
         await runner.violation(subject)
