@@ -2,10 +2,10 @@
 
 Used only when nothing answers at the configured URL: an existing server is always
 preferred. It requires authentication (operator mode, with the trust block of the
-deployment's :class:`~dispatcher.authority.Authority`) and listens on loopback only; for
-containers it also answers on the runners' network gateway of this machine's engine,
-through a small forwarder in this process (:meth:`EmbeddedNats.expose`: nats-server
-listens on one address, and 0.0.0.0 would put it on the LAN). It keeps its JetStream store
+deployment's :class:`~dispatcher.authority.Authority`) and listens on loopback only;
+containers reach it through :class:`~dispatcher.forwarder.Forwarder` on the runners'
+network gateway (nats-server listens on one address, and 0.0.0.0 would put it on the
+LAN). It keeps its JetStream store
 under the user's state directory and is stopped (gracefully, so JetStream flushes) when
 the command ends.
 """
@@ -13,8 +13,6 @@ the command ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import shutil
 import signal
@@ -52,6 +50,11 @@ def is_local_url(url: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")
 
 
+def embedded_server_name(port: int) -> str:
+    """The server name of an embedded server listening on ``port``."""
+    return f"ktrdr-embedded-{port}"
+
+
 def free_port() -> int:
     """A TCP port that is free right now."""
     with socket.socket() as sock:
@@ -79,7 +82,11 @@ class EmbeddedNats:
         #: "" = no authentication.
         self.trust = trust
         self.process: subprocess.Popen[bytes] | None = None
-        self._forwarders: dict[str, asyncio.Server] = {}
+
+    @property
+    def server_name(self) -> str:
+        """The name it gives itself (in its config): how a later command recognises it."""
+        return embedded_server_name(self.port)
 
     @property
     def url(self) -> str:
@@ -91,7 +98,7 @@ class EmbeddedNats:
         conf = self.store_dir / "nats-server.conf"
         sync = "\n  sync_interval: always" if self.sync_always else ""
         conf.write_text(
-            f'server_name: "ktrdr-embedded-{self.port}"\n'
+            f'server_name: "{self.server_name}"\n'
             f'listen: "{self.host}:{self.port}"\n'
             f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"{sync}\n}}\n'
             f"{self.trust}"
@@ -129,56 +136,6 @@ class EmbeddedNats:
                 await asyncio.sleep(0.05)
         self.stop()
         raise NatsUnavailable(f"embedded nats-server did not start within {timeout_s}s; see {log_path}")
-
-    async def expose(self, host: str) -> None:
-        """Answer on ``host`` (an address of this machine, e.g. a Docker bridge gateway) as
-        well, on the same port. Not an address here: nothing to do (containers on another
-        machine reach it some other way, or not at all)."""
-        if not host or host in self._forwarders or self.process is None:
-            return
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return
-        if address.is_loopback or address.is_unspecified:
-            return
-        try:
-            self._forwarders[host] = await asyncio.start_server(self._forward, host, self.port)
-        except OSError as exc:  # not an address of this machine, or the port is taken there
-            log.info("embedded nats-server not exposed on %s:%d: %s", host, self.port, exc)
-            return
-        log.info("embedded nats-server also answers on %s:%d (for containers)", host, self.port)
-
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            try:
-                while chunk := await source.read(65536):
-                    sink.write(chunk)
-                    await sink.drain()
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                with contextlib.suppress(OSError, RuntimeError):
-                    sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def close_exposed(self) -> None:
-        """Stop answering on the exposed addresses (their connections close too)."""
-        forwarders, self._forwarders = self._forwarders, {}
-        for server in forwarders.values():
-            server.close()
-            if hasattr(server, "close_clients"):  # Python 3.13+
-                server.close_clients()
-        for server in forwarders.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server gracefully (JetStream flushes its store), then kill if needed."""

@@ -3,8 +3,9 @@
 A dispatcher that holds the deployment's :class:`~dispatcher.authority.Authority` mints
 each attempt's runner credentials (that op's subjects only, expiring after the op's
 timeout plus grace) and hands them to the container on standard input. The embedded
-server listens on loopback only; ``expose`` makes it answer on an address containers use
-too (the runners' network gateway of the local engine).
+server listens on loopback only; ``expose`` (a :class:`~dispatcher.forwarder.Forwarder`)
+makes it answer on an address containers use too (the runners' network gateway of the
+local engine).
 """
 
 from __future__ import annotations

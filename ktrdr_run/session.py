@@ -28,8 +28,9 @@ from nats.js import api
 
 from dispatcher.authority import Authority
 from dispatcher.config import Config
-from dispatcher.embedded import EmbeddedNats, is_local_url
+from dispatcher.embedded import EmbeddedNats, embedded_server_name, is_local_url
 from dispatcher.errors import ConfigError, NatsUnavailable, OpNotFound
+from dispatcher.forwarder import Forwarder
 from dispatcher.jetstream import JetStreamHandles, SetupMode, connect, ensure_jetstream
 from dispatcher.natsjwt import CredentialError, decode_jwt, read_creds
 from dispatcher.opstore import OpStore
@@ -98,6 +99,7 @@ class Session:
         self.handles: JetStreamHandles | None = None
         self.store: OpStore | None = None
         self.embedded: EmbeddedNats | None = None
+        self.forwarder: Forwarder | None = None
         #: The deployment's trust chain when this state directory holds it.
         self.authority: Authority | None = None
         #: The name a submitter credential (``[nats] creds``) publishes jobs under.
@@ -146,8 +148,28 @@ class Session:
         """How a dispatcher running on this session gives its containers NATS access."""
         return RunnerAccess(
             authority=self.authority,
-            expose=self.embedded.expose if self.embedded is not None else None,
+            expose=self.forwarder.expose if self.forwarder is not None else None,
         )
+
+    def _embedded_port(self) -> int | None:
+        """The port of the embedded server this session is on (its own, or one another
+        command of this state directory started), None on any other server."""
+        if self.embedded is not None:
+            return self.embedded.port
+        cfg = self.config.nats
+        if not (cfg.embedded and is_local_url(cfg.url)):
+            return None
+        port = urlparse(cfg.url).port or 4222
+        conf = self._embedded_store() / "nats-server.conf"
+        try:
+            text = conf.read_text()
+        except OSError:
+            return None
+        return port if embedded_server_name(port) in text and f"127.0.0.1:{port}" in text else None
+
+    def _embedded_store(self) -> Path:
+        cfg = self.config.nats
+        return Path(cfg.store_dir).expanduser() if cfg.store_dir else self.config.state_path() / "nats"
 
     async def open(self) -> None:
         """Connect (or start NATS), bind JetStream, and make sure a dispatcher runs."""
@@ -171,7 +193,7 @@ class Session:
             if not (self.allow_embedded and cfg.embedded and is_local_url(cfg.url)):
                 raise
             port = urlparse(cfg.url).port or 4222
-            store = Path(cfg.store_dir).expanduser() if cfg.store_dir else self.config.state_path() / "nats"
+            store = self._embedded_store()
             self._say(f"no NATS at {redact_url(cfg.url)}: starting an embedded nats-server (store {store})")
             # secure by default: operator mode with this deployment's own trust chain
             self.authority = Authority.load_or_create(self.config.state_path())
@@ -193,6 +215,9 @@ class Session:
             except BaseException:
                 await self.close()
                 raise
+        embedded_port = self._embedded_port()
+        # containers reach an embedded server (loopback only) through this process
+        self.forwarder = Forwarder(embedded_port) if embedded_port is not None else None
         try:
             await self._bind()
         except BaseException:
@@ -256,8 +281,9 @@ class Session:
                 await self.nc.drain()
         if self._fleet is not None:
             self._fleet.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         if self.embedded is not None:
-            await self.embedded.close_exposed()
             await asyncio.to_thread(self.embedded.stop)
 
     # -- operations -----------------------------------------------------------------------

@@ -227,3 +227,21 @@ async def test_a_persons_credentials_submit_under_their_name_and_never_dispatch(
         await setup.close()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_a_dispatcher_joining_an_embedded_server_another_command_started_gets_its_ops_through(
+    default_config: Config, no_leftover_containers: None, runner_image: str
+) -> None:
+    """A dashboard (say) started the embedded server; a later command with a dispatcher
+    of its own joins it, and its containers still reach the loopback-only server (through
+    that command's own forwarder)."""
+    async with Session(default_config, need_dispatcher=False, setup="create") as first:
+        assert first.embedded is not None
+        async with Session(default_config, setup="create") as second:
+            assert second.embedded is None and second.forwarder is not None
+            op_id = await second.submit(
+                Job(job_id=new_id("joined"), kind="probe", resources=Resources(cpus=0.25, memory_gb=0.25))
+            )
+            done = await wait_record(second, op_id, TERMINAL_STATES)
+            assert done.state == "completed", done.error
+            assert second.forwarder.addresses, "the joining command forwarded nothing"
