@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import gzip
 import hashlib
 import os
 import shutil
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import BinaryIO, Final, Literal
 
 import docker
 import docker.errors
@@ -489,3 +490,81 @@ def prune_runner_images(
             removed.append(tag)
             remaining -= 1
     return removed
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """What :func:`export_runner_image` wrote: the image, and the file's size and sha256."""
+
+    tag: str
+    image_id: str
+    bytes: int
+    sha256: str
+    compressed: bool
+
+
+class _Tee:
+    """A write-only stream passing bytes on to ``out``, counting and hashing them."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _save(client: docker.DockerClient, tag: str, out: BinaryIO, compress: bool) -> _Tee:
+    tee = _Tee(out)
+    packer = gzip.GzipFile(fileobj=tee, mode="wb", compresslevel=3, mtime=0) if compress else None
+    try:
+        for chunk in client.api.get_image(tag, chunk_size=1 << 20):
+            (packer or tee).write(chunk)
+    except docker.errors.DockerException as exc:
+        raise ImageBuildError(f"Docker could not export {tag}: {exc}") from None
+    finally:
+        if packer is not None:
+            packer.close()
+    tee.flush()
+    return tee
+
+
+def export_runner_image(
+    client: docker.DockerClient, tag: str, target: Path | BinaryIO, *, compress: bool | None = None
+) -> Exported:
+    """Write image ``tag`` as the tarball ``docker load`` takes (``docker save``, streamed
+    through the API), keeping its tag: the way to a host with no registry.
+
+    ``target`` is a path (written atomically: a temporary file beside it, then renamed) or
+    a binary stream. ``compress`` (default: the path ends in ``.gz`` / ``.tgz``) gzips it;
+    ``docker load`` reads both. Raises ImageBuildError when the engine cannot export it.
+    """
+    try:
+        image_id = str(client.api.inspect_image(tag)["Id"])
+    except docker.errors.ImageNotFound:
+        raise ImageBuildError(f"no image {tag} on this engine to export") from None
+    if compress is None:
+        compress = isinstance(target, Path) and target.name.endswith((".gz", ".tgz"))
+    if not isinstance(target, Path):
+        tee = _save(client, tag, target, compress)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                tee = _save(client, tag, handle, compress)
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return Exported(tag, image_id, tee.size, tee.sha256.hexdigest(), compress)

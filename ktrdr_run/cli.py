@@ -15,12 +15,14 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable
+from pathlib import Path
 
 from dispatcher.config import Config, load_config
 from dispatcher.errors import ConfigError, KtrdrError, OpNotFound
 from ktrdr_run.cli_args import global_options_parser
 from ktrdr_run.cli_auth import add_auth_parsers
 from ktrdr_run.cli_backtest import add_backtest_parser
+from ktrdr_run.cli_certs import add_certs_parsers
 from ktrdr_run.cli_hosts import add_hosts_parsers
 from ktrdr_run.cli_ops import add_ops_parsers
 from ktrdr_run.cli_submit import (
@@ -130,6 +132,47 @@ async def cmd_images_build(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+async def cmd_images_export(args: argparse.Namespace, config: Config) -> int:
+    """Write the runner image (built first if missing) as a ``docker load`` tarball."""
+    from dispatcher.engine import connect_docker
+    from dispatcher.images import ImageBuildError, ensure_runner_image, export_runner_image
+
+    to_stdout = args.file == "-"
+    if to_stdout and args.json:
+        raise UsageError("--json: with FILE '-' stdout carries the image; name a file to get JSON")
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("FILE '-' writes the image tarball to stdout: redirect it (> FILE, | ssh ...)")
+    target = Path(args.file)
+    if not to_stdout and target.is_dir():
+        raise UsageError(f"FILE {args.file!r} is a directory: name the tarball to write")
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - stdout may be the tarball
+    client = await asyncio.to_thread(connect_docker, config.docker.url, timeout_s=config.docker.timeout_s)
+    try:
+        tag = await asyncio.to_thread(
+            lambda: ensure_runner_image(client, config=config.images, progress=say, flavor=args.flavor)
+        )
+        say(f"exporting {tag} to {'stdout' if to_stdout else target}")
+        out = sys.stdout.buffer if to_stdout else target
+        done = await asyncio.to_thread(export_runner_image, client, tag, out, compress=args.gzip or None)
+    except ImageBuildError as exc:
+        raise KtrdrError(str(exc)) from None
+    except BrokenPipeError:
+        raise KtrdrError(f"exporting {tag}: the reader of stdout went away") from None
+    finally:
+        client.close()
+    where = "stdout" if to_stdout else str(target)
+    say(
+        f"wrote {tag} ({done.image_id[:19]}) to {where}: {done.bytes / 1e6:.0f} MB"
+        f"{', gzip' if done.compressed else ''}, sha256 {done.sha256}; on the other host: docker load -i FILE"
+    )
+    if args.json:
+        print(json.dumps({"image": tag, "id": done.image_id, "file": where, "bytes": done.bytes,
+                          "sha256": done.sha256, "compressed": done.compressed}))  # fmt: skip
+    elif not to_stdout:
+        print(tag)
+    return EXIT_OK
+
+
 async def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
     from tui.app import run_dashboard
 
@@ -193,9 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu (default; torch for the CPU), cuda (CUDA torch for GPU hosts; needs PyPI), slim (no torch)",
     )
     p.set_defaults(handler=cmd_images_build)
+    p = images.add_parser(
+        "export",
+        help="write the runner image as a tarball for `docker load` on a host with no registry",
+        description="Builds the image first if it is missing. The loaded image keeps its tag. "
+        "FILE ending in .gz or .tgz (or --gzip) is gzipped; '-' writes to stdout.",
+    )
+    p.add_argument("file", metavar="FILE", help="the tarball to write ('-': stdout)")
+    p.add_argument(
+        "--flavor", choices=["cpu", "cuda", "slim"], default="cpu", help="which image (default cpu)"
+    )
+    p.add_argument("--gzip", action="store_true", help="gzip it whatever FILE is called")
+    p.set_defaults(handler=cmd_images_export)
 
     add_hosts_parsers(sub)
     add_auth_parsers(sub)
+    add_certs_parsers(sub)
 
     p = sub.add_parser("dashboard", help="live dashboard of ops and hosts (Textual)")
     p.add_argument("--read-only", action="store_true", help="disable cancelling from the dashboard")
