@@ -24,6 +24,7 @@ from ktrdr_run.cli_auth import add_auth_parsers
 from ktrdr_run.cli_backtest import add_backtest_parser
 from ktrdr_run.cli_certs import add_certs_parsers
 from ktrdr_run.cli_hosts import add_hosts_parsers
+from ktrdr_run.cli_hosts_add import add_hosts_add_parser
 from ktrdr_run.cli_ops import add_ops_parsers
 from ktrdr_run.cli_submit import (
     EXIT_CANCELLED,
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gzip", action="store_true", help="gzip it whatever FILE is called")
     p.set_defaults(handler=cmd_images_export)
 
-    add_hosts_parsers(sub)
+    add_hosts_add_parser(add_hosts_parsers(sub))
     add_auth_parsers(sub)
     add_certs_parsers(sub)
 

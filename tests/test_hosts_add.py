@@ -17,7 +17,8 @@ from discovery.config import EngineConfig, GpuSpec, StaticGpuHost
 from dispatcher.config import load_config
 from dispatcher.embedded import free_port
 from ktrdr_run.cli import build_parser
-from ktrdr_run.cli_hosts import cmd_hosts, cmd_hosts_add, parse_gpu
+from ktrdr_run.cli_hosts import cmd_hosts
+from ktrdr_run.cli_hosts_add import cmd_hosts_add, parse_gpu
 from tests.second_dockerd import SecondDockerd
 from tests.test_certs import Pki, make_pki, refused_by_tls, run_cli, tls_dockerd
 
