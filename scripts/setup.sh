@@ -3,7 +3,7 @@
 # the runner image. Idempotent and non-interactive; run it again at any time.
 #
 #   bash scripts/setup.sh          # to run ktrdr-run
-#   bash scripts/setup.sh --dev    # and to run its tests (adds headless Chromium)
+#   bash scripts/setup.sh --dev    # and to run its tests (adds headless Chromium, shellcheck)
 #
 # Environment: KTRDR_PYTHON (default python3.11), KTRDR_DOCKERD_LOG (default
 # /var/log/ktrdr-dockerd.log), KTRDR_DOCKER_WAIT_S (default 60).
@@ -47,6 +47,8 @@ if ! have "$PYTHON" || ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; 
 fi
 # the tests open the HTML backtest report in a real browser
 [ "$DEV" -eq 0 ] || have chromium-headless-shell || missing+=(chromium-headless-shell fonts-dejavu-core)
+# the tests run shellcheck on every script under images/ and scripts/
+[ "$DEV" -eq 0 ] || have shellcheck || missing+=(shellcheck)
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     # Without systemd, keep package scripts from starting services (dockerd is started
