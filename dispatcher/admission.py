@@ -4,7 +4,9 @@ and the problem; nothing here touches Docker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -67,6 +69,8 @@ def validate_job(subject: str, data: bytes, config: Config, *, own_job: bool = F
         raise Rejected(f"invalid job: {where or 'message'}: {problem}", field=where) from None
     except msgspec.DecodeError as exc:
         raise Rejected(f"job message is not valid JSON: {exc}", error_type="NotJSON") from None
+    except RecursionError:
+        raise Rejected("job message is nested too deeply", error_type="NotJSON") from None
     if job.kind != subject_kind:
         raise Rejected(f"kind {job.kind!r} does not match the subject {subject!r}", field="kind", job=job)
     if submitter:
@@ -115,10 +119,17 @@ def resolve_data_dir(job: Job, config: Config, *, own_job: bool = False) -> str:
     raw = job.data_dir or config.dispatcher.data_dir
     if not raw:
         return ""
-    path = Path(raw).expanduser()
+    if "\x00" in raw:
+        raise Rejected("data_dir must not contain a NUL byte", field="data_dir")
+    path = Path(raw)
+    with contextlib.suppress(RuntimeError):  # ~name of a user this host does not know: as written
+        path = path.expanduser()
     if not path.is_absolute():
         raise Rejected("data_dir must be an absolute path on the dispatcher's host", field="data_dir")
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (RuntimeError, OSError):  # a link loop: judged as written (it is no directory either)
+        path = Path(os.path.normpath(path))
     if job.data_dir and not own_job:
         roots = data_roots(config)
         if not roots:
@@ -147,7 +158,7 @@ def peek_ids(subject: str, raw: bytes) -> tuple[str, str]:
     kind, _ = parse_job_subject(subject)
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to read
         return "", kind
     if not isinstance(data, dict):
         return "", kind

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 from nats.js import JetStreamContext
 
 from dispatcher.admission import Rejected
@@ -62,11 +63,33 @@ async def queued_record(
         )
         await reject(js, store, lease, problem, touch_record=False)
         return None
+    if rejected_earlier(existing):
+        # an earlier message with this id was rejected (its op ended failed, never admitted):
+        # this one is another job, and says so rather than being dropped as a duplicate
+        why = existing.error.message if existing.error else ""
+        problem = Rejected(
+            f"job_id reused: op {job.job_id} was rejected earlier ({why}); pick a new job_id",
+            field="job_id",
+            error_type="JobIdReused",
+        )
+        await reject(js, store, lease, problem, touch_record=False)
+        return None
     if existing.state != "queued":
         log.info("op %s: duplicate job message (op is %s); not started again", job.job_id, existing.state)
         await lease.ack()
         return None
     return existing
+
+
+def rejected_earlier(record: OpRecord) -> bool:
+    """Whether ``record`` is what a rejected job message left: ``failed`` at admission (or
+    dead-lettered) without ever being admitted, so it holds no params."""
+    return (
+        record.state == "failed"
+        and not record.params_digest
+        and record.error is not None
+        and record.error.reason in ("invalid_job", "dead_letter")
+    )
 
 
 async def earlier_op_floor(js: JetStreamContext, op_id: str) -> int:
@@ -95,7 +118,11 @@ async def stored_cancel(js: JetStreamContext, record: OpRecord) -> CancelRequest
         return None
     if int(raw.seq or 0) <= record.cancel_floor_seq:
         return None
-    request = event_decoder.decode(raw.data or b"{}")
+    try:
+        request = event_decoder.decode(raw.data or b"{}")
+    except (msgspec.DecodeError, RecursionError):
+        # a malformed request still means cancel (as the live path and the runner read it)
+        return CancelRequest(op_id=record.op_id, ts=now())
     return request if isinstance(request, CancelRequest) else None
 
 

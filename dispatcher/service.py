@@ -558,7 +558,7 @@ class Dispatcher:
         op_id = msg.subject[len(OPS_SUBJECT_ROOT) + 1 : -len(".cancel")]
         try:
             request = event_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             request = CancelRequest(op_id=op_id, ts=now())
         if isinstance(request, CancelRequest):
             try:

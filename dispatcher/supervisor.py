@@ -453,7 +453,10 @@ class Supervisor:
                 )
             except Exception:  # noqa: BLE001 - no such event
                 continue
-            event = event_decoder.decode(raw.data or b"{}")
+            try:
+                event = event_decoder.decode(raw.data or b"{}")
+            except (msgspec.DecodeError, RecursionError):
+                continue  # not an event
             if event.attempt == run.attempt:  # not from an earlier attempt (or an earlier op)
                 run.seen_runner = True
                 run.note(event)

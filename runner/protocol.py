@@ -75,8 +75,10 @@ EXIT_RUNNER_UNREACHABLE: Final = 69
 # Environment variable that carries the RunnerSpec into the container.
 SPEC_ENV: Final = "KTRDR_SPEC"
 
-ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$"
-KIND_PATTERN: Final = r"^[a-z][a-z0-9_]{0,39}$"
+# "(?!\n)$": Python's "$" also matches before a trailing newline (no subject token, no key)
+_ID_BODY: Final = r"[A-Za-z0-9][A-Za-z0-9_-]{0,79}"
+ID_PATTERN: Final = rf"^{_ID_BODY}(?!\n)$"
+KIND_PATTERN: Final = r"^[a-z][a-z0-9_]{0,39}(?!\n)$"
 _ID_RE = re.compile(ID_PATTERN)
 
 
@@ -136,7 +138,7 @@ def rejected_subject(kind: str) -> str:
 
 def is_valid_id(value: str) -> bool:
     """Whether ``value`` is usable as a job id / op id (a subject token and a KV key)."""
-    return bool(_ID_RE.match(value))
+    return bool(_ID_RE.fullmatch(value))
 
 
 def new_job_id() -> str:
@@ -185,12 +187,13 @@ class Job(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     kind: Annotated[str, Meta(pattern=KIND_PATTERN)]
     params: dict[str, Any] = {}
     resources: Resources = Resources()
-    timeout_s: Annotated[float, Meta(gt=0)] | None = None
+    # capped: credentials expire after it, and a server refuses an expiry past ~2^63 ns
+    timeout_s: Annotated[float, Meta(gt=0, le=1e9)] | None = None
     labels: dict[str, str] = {}
     submitted_by: str = ""
     data_dir: str = ""
     #: The op that submitted this one (a sweep's chunk names its sweep); "" = none.
-    parent_id: Annotated[str, Meta(pattern=r"^(|" + ID_PATTERN[1:-1] + ")$")] = ""
+    parent_id: Annotated[str, Meta(pattern=rf"^(|{_ID_BODY})(?!\n)$")] = ""
 
 
 # --- op record (KV ktrdr_ops, key = op id) ---------------------------------------------
