@@ -76,7 +76,7 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=30)
 
 
-def _free_subnet(candidates: Iterator[str], what: str) -> ipaddress.IPv4Network:
+def free_subnet(candidates: Iterator[str], what: str) -> ipaddress.IPv4Network:
     """The first of ``candidates`` that overlaps no address or route of this machine."""
     used: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     routes = json.loads(_run("ip", "-j", "-4", "route", "show", "table", "all").stdout or "[]")
@@ -95,7 +95,7 @@ def _free_subnet(candidates: Iterator[str], what: str) -> ipaddress.IPv4Network:
     raise RuntimeError(f"no free subnet for {what}")
 
 
-def _unmount_under(root: Path) -> None:
+def unmount_under(root: Path) -> None:
     prefix = str(root)
     mounts = []
     with open("/proc/self/mountinfo") as info:
@@ -107,7 +107,7 @@ def _unmount_under(root: Path) -> None:
         _run("umount", "-l", point, check=False)
 
 
-def _stop_pid_file(path: Path, owner: Path, timeout_s: float = 15.0) -> None:
+def stop_pid_file(path: Path, owner: Path, timeout_s: float = 15.0) -> None:
     """Stop the process whose id is in ``path`` if its command line names ``owner`` (so
     only a process this fixture's daemon started, never a reused pid)."""
     try:
@@ -126,20 +126,54 @@ def _stop_pid_file(path: Path, owner: Path, timeout_s: float = 15.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def start_second_dockerd(source: docker.DockerClient, image: str) -> SecondDockerd:
-    """Start the second engine and load ``image`` into it; raises RuntimeError on failure."""
-    root = Path(tempfile.mkdtemp(prefix="kd2-", dir="/tmp"))
+@dataclass(frozen=True)
+class EngineTls:
+    """The certificates a second engine runs with: its server's (``server_*``, checked
+    against ``client_ca``), a client's that it accepts, and a rogue client's it must not."""
+
+    server_ca: Path
+    server_cert: Path
+    server_key: Path
+    client_ca: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+    rogue_ca: Path
+
+
+def _test_tls(root: Path) -> EngineTls:
     pki = Pki(root / "certs", name="engine2")
     server_cert, server_key = pki.issue("engine2-server", server=True, ips=("127.0.0.1",), dns=("localhost",))
     client_cert, client_key = pki.issue("ktrdr-client", client=True)
     rogue = Pki(root / "rogue", name="rogue")
     rogue_cert, rogue_key = rogue.issue("intruder", client=True)
+    return EngineTls(
+        server_ca=pki.ca_path,
+        server_cert=server_cert,
+        server_key=server_key,
+        client_ca=pki.ca_path,
+        client_cert=client_cert,
+        client_key=client_key,
+        rogue_cert=rogue_cert,
+        rogue_key=rogue_key,
+        rogue_ca=rogue.ca_path,
+    )
+
+
+def start_second_dockerd(
+    source: docker.DockerClient | None, image: str = "", *, tls: EngineTls | None = None
+) -> SecondDockerd:
+    """Start the second engine (with ``tls``, or certificates made here) and load ``image``
+    into it from ``source`` when given; raises RuntimeError on failure."""
+    root = Path(tempfile.mkdtemp(prefix="kd2-", dir="/tmp"))
+    tls = tls or _test_tls(root)
 
     bridge_nets = (f"172.31.{third}.0/24" for third in range(250, 199, -1))
-    subnet = _free_subnet(bridge_nets, "the second engine's bridge")
+    subnet = free_subnet(bridge_nets, "the second engine's bridge")
     # Its own pool for the networks it creates (the runners' network), so that it never
     # competes with the default engine for 172.17-31.x and 192.168.x.
-    pool = _free_subnet((f"10.{second}.0.0/16" for second in range(250, 199, -1)), "the second engine's pool")
+    pool = free_subnet((f"10.{second}.0.0/16" for second in range(250, 199, -1)), "the second engine's pool")
     gateway = str(next(subnet.hosts()))
     bridge = f"kbr{uuid.uuid4().hex[:8]}"
     _run("ip", "link", "add", bridge, "type", "bridge")
@@ -166,11 +200,11 @@ def start_second_dockerd(source: docker.DockerClient, image: str) -> SecondDocke
             f"tcp://127.0.0.1:{port}",
             "--tlsverify",
             "--tlscacert",
-            str(pki.ca_path),
+            str(tls.server_ca),
             "--tlscert",
-            str(server_cert),
+            str(tls.server_cert),
             "--tlskey",
-            str(server_key),
+            str(tls.server_key),
             "--bridge",
             bridge,
             "--iptables=false",
@@ -192,12 +226,12 @@ def start_second_dockerd(source: docker.DockerClient, image: str) -> SecondDocke
             process=process,
             unix_url=f"unix://{root / 'docker.sock'}",
             tcp_url=f"tcp://127.0.0.1:{port}",
-            ca=pki.ca_path,
-            client_cert=client_cert,
-            client_key=client_key,
-            rogue_cert=rogue_cert,
-            rogue_key=rogue_key,
-            rogue_ca=rogue.ca_path,
+            ca=tls.client_ca,
+            client_cert=tls.client_cert,
+            client_key=tls.client_key,
+            rogue_cert=tls.rogue_cert,
+            rogue_key=tls.rogue_key,
+            rogue_ca=tls.rogue_ca,
             bridge=bridge,
             gateway=gateway,
             data_root=root / "data",
@@ -216,11 +250,12 @@ def start_second_dockerd(source: docker.DockerClient, image: str) -> SecondDocke
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"dockerd did not answer within 60 s:\n{engine.log_tail()}") from None
                 time.sleep(0.3)
-        with contextlib.closing(engine.client()) as target:
-            for _ in target.api.load_image(source.api.get_image(image)):
-                pass
-            target.images.get(image)  # raises if the load did not tag it
-        engine.image = image
+        if source is not None and image:
+            with contextlib.closing(engine.client()) as target:
+                for _ in target.api.load_image(source.api.get_image(image)):
+                    pass
+                target.images.get(image)  # raises if the load did not tag it
+            engine.image = image
         return engine
     except BaseException:
         if engine is not None:
@@ -246,8 +281,8 @@ def stop_second_dockerd(engine: SecondDockerd) -> None:
         except subprocess.TimeoutExpired:
             engine.process.kill()
             engine.process.wait(10)
-    _stop_pid_file(engine.root / "exec" / "containerd" / "containerd.pid", engine.root)
-    _unmount_under(engine.root)
+    stop_pid_file(engine.root / "exec" / "containerd" / "containerd.pid", engine.root)
+    unmount_under(engine.root)
     for link in (engine.bridge, *links_in(engine.pool)):
         _run("ip", "link", "del", link, check=False)
     shutil.rmtree(engine.root, ignore_errors=True)

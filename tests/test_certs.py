@@ -19,8 +19,6 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,11 +36,10 @@ from discovery.certs import DockerCa
 from discovery.config import DiscoveryConfig, EngineConfig
 from discovery.docker_engines import DockerEngineProvider, connect_engine
 from dispatcher.config import Config
-from dispatcher.embedded import free_port
 from ktrdr_run.cli import main
 from runner.protocol import TERMINAL_STATES
 from tests.conftest import unavailable
-from tests.second_dockerd import SecondDockerd, _free_subnet, _run, stop_second_dockerd
+from tests.second_dockerd import EngineTls, SecondDockerd, start_second_dockerd, stop_second_dockerd
 from tests.test_lifecycle import publish_job, wait_for_state
 from tests.test_placement_engines import start, wait_hosts, with_discovery
 
@@ -88,78 +85,23 @@ def make_pki(root: Path, host: str = ENGINE) -> Pki:
 def start_tls_dockerd(
     pki: Pki, *, rogue: DockerCa | None = None, source: docker.DockerClient | None = None, image: str = ""
 ) -> SecondDockerd:
-    """A second dockerd on ``tcp://127.0.0.1:<port>`` with ``--tlsverify`` and the server
-    bundle of ``pki`` (tests/second_dockerd.py's start, certificates given here); loads
-    ``image`` from ``source`` when given. Stop it with ``stop_second_dockerd``."""
-    root = Path(tempfile.mkdtemp(prefix="kd3-", dir="/tmp"))
-    subnet = _free_subnet((f"172.31.{n}.0/24" for n in range(250, 199, -1)), "the engine's bridge")
-    pool = _free_subnet((f"10.{n}.0.0/16" for n in range(250, 199, -1)), "the engine's pool")
-    gateway = str(next(subnet.hosts()))
-    bridge = f"kbr{uuid.uuid4().hex[:8]}"
-    _run("ip", "link", "add", bridge, "type", "bridge")
-    port = free_port()
+    """A second dockerd (tests/second_dockerd.py) on ``tcp://127.0.0.1:<port>`` with
+    ``--tlsverify`` and the server bundle of ``pki``; loads ``image`` from ``source`` when
+    given. Stop it with ``stop_second_dockerd``."""
     ca, cert, key = pki.server
-    (root / "daemon.json").write_text("{}")
-    engine: SecondDockerd | None = None
-    try:
-        _run("ip", "addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", bridge)
-        _run("ip", "link", "set", bridge, "up")
-        cmd = [
-            shutil.which("dockerd") or "dockerd",
-            *("--config-file", str(root / "daemon.json"), "--data-root", str(root / "data")),
-            *("--exec-root", str(root / "exec"), "--pidfile", str(root / "docker.pid")),
-            *("-H", f"unix://{root / 'docker.sock'}", "-H", f"tcp://127.0.0.1:{port}"),
-            *("--tlsverify", "--tlscacert", str(ca), "--tlscert", str(cert), "--tlskey", str(key)),
-            *("--bridge", bridge, "--iptables=false", "--ip-masq=false", "--ip-forward=false"),
-            *("--containerd-namespace", f"ktrdr-{bridge}"),
-            *("--containerd-plugins-namespace", f"ktrdr-{bridge}-plugins"),
-            *("--default-address-pool", f"base={pool},size=24", "--log-level", "warn"),
-        ]
-        with open(root / "dockerd.log", "wb") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        other = rogue or pki.certs
-        engine = SecondDockerd(
-            root=root,
-            process=process,
-            unix_url=f"unix://{root / 'docker.sock'}",
-            tcp_url=f"tcp://127.0.0.1:{port}",
-            ca=pki.certs.ca_cert,
-            client_cert=pki.certs.client_cert,
-            client_key=pki.certs.client_key,
-            rogue_cert=other.client_cert,
-            rogue_key=other.client_key,
-            rogue_ca=other.ca_cert,
-            bridge=bridge,
-            gateway=gateway,
-            data_root=root / "data",
-            pool=str(pool),
-            log_path=root / "dockerd.log",
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"dockerd exited with {process.returncode}:\n{engine.log_tail()}")
-            try:
-                with contextlib.closing(docker.DockerClient(base_url=engine.unix_url, timeout=5)) as probe:
-                    probe.ping()
-                break
-            except docker.errors.DockerException:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"dockerd did not answer within 60 s:\n{engine.log_tail()}") from None
-                time.sleep(0.3)
-        if source is not None and image:
-            with contextlib.closing(engine.client()) as target:
-                for _ in target.api.load_image(source.api.get_image(image)):
-                    pass
-            engine.image = image
-        return engine
-    except BaseException:
-        if engine is not None:
-            stop_second_dockerd(engine)
-        else:
-            _run("ip", "link", "del", bridge, check=False)
-            shutil.rmtree(root, ignore_errors=True)
-        raise
+    other = rogue or pki.certs
+    tls = EngineTls(
+        server_ca=ca,
+        server_cert=cert,
+        server_key=key,
+        client_ca=pki.certs.ca_cert,
+        client_cert=pki.certs.client_cert,
+        client_key=pki.certs.client_key,
+        rogue_cert=other.client_cert,
+        rogue_key=other.client_key,
+        rogue_ca=other.ca_cert,
+    )
+    return start_second_dockerd(source, image, tls=tls)
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from dispatcher.embedded import free_port
 from tests.conftest import unavailable
 from tests.fake_pve import FakePve
 from tests.pki import Pki
-from tests.second_dockerd import _free_subnet, _stop_pid_file, _unmount_under, links_in
+from tests.second_dockerd import free_subnet, links_in, stop_pid_file, unmount_under
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_TAG = "ktrdr-runner:cpu-test"
@@ -829,10 +829,10 @@ class EnrollEngine:
         self.root = root
         self.port = free_port()
         self.bridge = f"kbr{uuid.uuid4().hex[:8]}"
-        subnet = _free_subnet(
+        subnet = free_subnet(
             (f"172.31.{n}.0/24" for n in range(199, 149, -1)), "the enrolled engine's bridge"
         )
-        self.pool = str(_free_subnet((f"10.{n}.0.0/16" for n in range(199, 149, -1)), "its address pool"))
+        self.pool = str(free_subnet((f"10.{n}.0.0/16" for n in range(199, 149, -1)), "its address pool"))
         subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True, capture_output=True)
         gateway = f"{next(subnet.hosts())}/{subnet.prefixlen}"
         subprocess.run(["ip", "addr", "add", gateway, "dev", self.bridge], check=True, capture_output=True)
@@ -873,9 +873,9 @@ setsid {dockerd} --config-file "$root/daemon.json" --data-root "$root/data" --ex
         ):
             for container in client.containers.list(all=True):
                 container.remove(force=True)
-        _stop_pid_file(self.root / "docker.pid", self.root, timeout_s=30)
-        _stop_pid_file(self.root / "exec" / "containerd" / "containerd.pid", self.root)
-        _unmount_under(self.root)
+        stop_pid_file(self.root / "docker.pid", self.root, timeout_s=30)
+        stop_pid_file(self.root / "exec" / "containerd" / "containerd.pid", self.root)
+        unmount_under(self.root)
         for link in (self.bridge, *links_in(self.pool)):
             subprocess.run(["ip", "link", "del", link], capture_output=True)
 
