@@ -95,6 +95,12 @@ class DispatcherConfig(Struct, frozen=True, forbid_unknown_fields=True):
     max_waiting_jobs: Annotated[int, Meta(ge=1)] = 64
 
 
+class MetricsConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Prometheus metrics of the dispatcher: ``listen`` = ``host:port`` ("" = off)."""
+
+    listen: str = ""
+
+
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
     """All of ktrdr-run's configuration."""
 
@@ -105,6 +111,7 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     retention: RetentionConfig = RetentionConfig()
     images: ImagesConfig = ImagesConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def state_path(self) -> Path:
         """The directory for local state (embedded NATS store, caches)."""

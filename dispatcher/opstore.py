@@ -95,10 +95,19 @@ class OpStore:
     records after that time; live records never expire.
     """
 
-    def __init__(self, kv: KeyValue, js: JetStreamContext, *, retention_s: float | None = None):
+    def __init__(
+        self,
+        kv: KeyValue,
+        js: JetStreamContext,
+        *,
+        retention_s: float | None = None,
+        observer: Callable[[OpRecord | None, OpRecord], None] | None = None,
+    ):
         self.kv = kv
         self.js = js
         self.retention_s = retention_s
+        #: Told of each record this store wrote: (before, after); before None when created.
+        self.observer = observer
 
     async def create(self, record: OpRecord) -> bool:
         """Create the record; False when an op with this id already exists (the claim)."""
@@ -113,6 +122,8 @@ class OpStore:
 
         if not await retrying(create, what=f"create op {record.op_id}"):
             return False
+        if self.observer is not None:
+            self.observer(None, record)
         await self._publish_status(record)
         return True
 
@@ -153,6 +164,8 @@ class OpStore:
             if updated is None:
                 return None
             if await self._write(op_id, updated, revision):
+                if self.observer is not None:
+                    self.observer(current, updated)
                 return updated
 
     async def _write(self, op_id: str, updated: OpRecord, revision: int) -> bool:

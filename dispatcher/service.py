@@ -48,6 +48,7 @@ from dispatcher.intake import cancel_before_start, cancel_unstarted, intent_of, 
 from dispatcher.jetstream import JetStreamHandles
 from dispatcher.joblease import DirectLease, JobLease, QueueLease
 from dispatcher.liveness import DispatcherLease, deployment_id
+from dispatcher.metrics import Metrics
 from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, Owner, retrying
 from dispatcher.outcome import OpRun
 from dispatcher.placement import Placement, Reservation, why_never_placeable
@@ -96,7 +97,10 @@ class Dispatcher:
         self.check_reachability = check_reachability
         self.nc = nc
         self.js: JetStreamContext = handles.js
-        self.store = OpStore(handles.ops, handles.js, retention_s=config.retention.ops_s)
+        self.metrics = Metrics()
+        self.store = OpStore(
+            handles.ops, handles.js, retention_s=config.retention.ops_s, observer=self.metrics.observe
+        )
         self.fleet = fleet
         self.dispatcher_id = config.dispatcher.dispatcher_id or f"{socket.gethostname()}-{os.getpid()}"
         self.own_only = own_only
@@ -146,6 +150,7 @@ class Dispatcher:
         await self.lease.renew()
         background = [asyncio.create_task(self.lease.run(self._verify_ownership))]
         await self.uploads.start()
+        stop_metrics = self.metrics.serve(self.config.metrics.listen) if self.config.metrics.listen else None
         subs = [
             await self.nc.subscribe(DISPATCHER_PING_SUBJECT, cb=self._on_ping),
             await self.nc.subscribe(f"{OPS_SUBJECT_ROOT}.*.cancel", cb=self._on_cancel),
@@ -185,6 +190,8 @@ class Dispatcher:
                 log.info("dispatcher %s waiting for %d running ops", self.dispatcher_id, len(self.runs))
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             await self.uploads.stop()
+            if stop_metrics is not None:
+                stop_metrics()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

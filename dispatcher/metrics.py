@@ -1,0 +1,95 @@
+"""Prometheus metrics of one dispatcher (``[metrics] listen``).
+
+Counts come from the op records this dispatcher writes: every compare-and-set write that
+changes an op's state succeeds exactly once across all dispatchers, so summing a counter
+over dispatchers counts each op once. Labels are kinds, states and reasons, never op ids
+or parameters (their number is bounded by the registry and the contract).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from runner.protocol import TERMINAL_STATES, OpRecord
+
+log = logging.getLogger("ktrdr.metrics")
+
+#: Seconds: from well under a container start to a long training run.
+DURATION_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14_400)
+
+
+class Metrics:
+    """The dispatcher's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        #: Where :meth:`serve` listens (0 until it does).
+        self.port = 0
+        self.submitted = Counter(
+            "ktrdr_ops_submitted", "Ops accepted into the queue", ["kind"], registry=self.registry
+        )
+        self.finished = Counter(
+            "ktrdr_ops_finished",
+            "Ops that reached a terminal state",
+            ["kind", "state", "reason"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "ktrdr_op_queue_wait_seconds",
+            "From queued to placed",
+            ["kind"],
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.start_phase = Histogram(
+            "ktrdr_op_start_seconds",
+            "Start phases: create (placed to created) and start (created to running)",
+            ["kind", "phase"],
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.run_time = Histogram(
+            "ktrdr_op_run_seconds",
+            "From running to a terminal state",
+            ["kind"],
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+
+    def observe(self, before: OpRecord | None, after: OpRecord) -> None:
+        """One successful write of an op record (``before`` None: it was created)."""
+        if before is not None and before.state == after.state:
+            return
+        kind, stamps = after.kind, after.timestamps
+        if before is None and after.state == "queued":
+            self.submitted.labels(kind).inc()
+        elif after.state == "placing" and "queued" in stamps:
+            self.queue_wait.labels(kind).observe(max(0.0, stamps["placing"] - stamps["queued"]))
+        elif after.state == "starting" and "placing" in stamps:
+            self.start_phase.labels(kind, "create").observe(max(0.0, stamps["starting"] - stamps["placing"]))
+        elif after.state == "running" and "starting" in stamps:
+            self.start_phase.labels(kind, "start").observe(max(0.0, stamps["running"] - stamps["starting"]))
+        if after.state in TERMINAL_STATES:
+            reason = after.error.reason if after.error is not None else ""
+            self.finished.labels(kind, after.state, reason).inc()
+            if "running" in stamps and after.state in stamps:
+                self.run_time.labels(kind).observe(max(0.0, stamps[after.state] - stamps["running"]))
+
+    def serve(self, listen: str) -> Callable[[], None]:
+        """Serve ``/metrics`` on ``listen`` (``host:port``; port 0 picks one, see
+        :attr:`port`); returns what stops it."""
+        host, _, port = listen.rpartition(":")
+        server, thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        self.port = int(server.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", self.port)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+        return stop
