@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
 from dispatcher.engine import DockerEngine, hardened_host_config
 from dispatcher.errors import InfrastructureError
+from dispatcher.fleet import Fleet
 from runner.protocol import LABEL_CLUSTER, LABEL_OP_ID, Resources, redact_url
 
 log = logging.getLogger("ktrdr.reachability")
@@ -111,3 +113,25 @@ async def problem(engine: DockerEngine, url: str, *, image: str | None, deployme
         return f"containers may not reach NATS at {redact_url(url)}: {await asyncio.to_thread(hint, url)}"
     found = await check_from_container(engine, image, url, deployment)
     return f"{found}; {await asyncio.to_thread(hint, url)}" if found else ""
+
+
+async def check_fleet(
+    fleet: Fleet,
+    runner_url: Callable[[str, DockerEngine], Awaitable[str]],
+    image_on: Callable[[DockerEngine, bool], Awaitable[str]] | None,
+    deployment: str,
+    dispatcher_id: str,
+) -> None:
+    """Say once, at a dispatcher's start, for each host whose containers cannot reach NATS
+    at the URL they get (checked from a container with ``image_on``'s image, else quickly
+    from this machine)."""
+    for host in fleet.hosts():
+        try:
+            engine = await fleet.engine(host)
+            url = await runner_url(host.name, engine)
+            image = None if image_on is None else await image_on(engine, False)
+            found = await problem(engine, url, image=image, deployment=deployment)
+            if found:
+                log.warning("dispatcher %s: %s", dispatcher_id, found)
+        except Exception as exc:  # noqa: BLE001 - a check that cannot run decides nothing
+            log.info("reachability check of %s skipped: %s", host.name, exc)

@@ -158,7 +158,10 @@ class Dispatcher:
         await self.fleet.refresh()
         background.append(asyncio.create_task(self._watch_hosts()))
         if self.check_reachability:
-            background.append(asyncio.create_task(self._check_reachability()))
+            image_on = None if self.own_only else self.images.on  # one-shot: the quick check
+            deployment, me = self.supervisor.deployment, self.dispatcher_id
+            check = reachability.check_fleet(self.fleet, self.supervisor.runner_url, image_on, deployment, me)
+            background.append(asyncio.create_task(check))
         psub = None
         try:
             if not self.own_only:
@@ -345,21 +348,6 @@ class Dispatcher:
             current = await self.store.find(run.op_id)
             if current is None or not run.owner.holds(current):
                 run.abort("ownership_lost", "another dispatcher took the op over while this one was away")
-
-    async def _check_reachability(self) -> None:
-        """Say once, at start, when containers cannot reach NATS at the URL they get."""
-        for host in self.fleet.hosts():
-            try:
-                engine = await self.fleet.engine(host)
-                url = await self.supervisor.runner_url(host.name, engine)
-                image = None if self.own_only else await self.images.on(engine, False)  # one-shot: quick
-                found = await reachability.problem(
-                    engine, url, image=image, deployment=self.supervisor.deployment
-                )
-                if found:
-                    log.warning("dispatcher %s: %s", self.dispatcher_id, found)
-            except Exception as exc:  # noqa: BLE001 - a check that cannot run decides nothing
-                log.info("reachability check of %s skipped: %s", host.name, exc)
 
     # -- handling a job message --------------------------------------------------------
 
