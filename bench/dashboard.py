@@ -43,8 +43,9 @@ from harness import describe, percentile, run
 from textual import events
 
 from dispatcher.config import Config, NatsConfig
+from dispatcher.connection import connect
 from dispatcher.embedded import EmbeddedNats, free_port
-from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.jetstream import JetStreamHandles, ensure_jetstream
 from ktrdr_run.client import Client
 from runner.protocol import ErrorInfo, OpRecord, ProgressSnapshot, Resources
 from tui.app import DashboardApp, dashboard

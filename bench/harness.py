@@ -23,14 +23,14 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from discovery.docker_engines import engine_host
-from dispatcher.config import Config, DispatcherConfig, NatsConfig
+from dispatcher.config import Config, DispatcherConfig, NatsConfig, PoolConfig
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import DockerEngine, connect_docker
 from dispatcher.fleet import Fleet
 from dispatcher.images import ensure_runner_image
 from dispatcher.service import Dispatcher
 from ktrdr_run.session import Session
-from runner.protocol import LABEL_DISPATCHER, LABEL_OP_ID
+from runner.protocol import LABEL_DISPATCHER, LABEL_OP_ID, LABEL_POOL, op_of_container
 
 
 class Stack:
@@ -76,9 +76,12 @@ STOP_TIMEOUT_S = 60.0
 
 
 @contextlib.asynccontextmanager
-async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> AsyncIterator[Stack]:
-    """Start the stack; everything is stopped and removed afterwards, also after an
-    interruption (containers of its dispatcher that are still there are force-removed)."""
+async def bench_stack(
+    dispatcher_config: DispatcherConfig | None = None, pool: PoolConfig | None = None
+) -> AsyncIterator[Stack]:
+    """Start the stack (with a warm pool when ``pool`` has shapes); everything is stopped
+    and removed afterwards, also after an interruption (containers of its dispatcher that
+    are still there are force-removed)."""
     state = Path(tempfile.mkdtemp(prefix="ktrdr-bench-"))
     server = EmbeddedNats(state / "nats", free_port(), host="0.0.0.0")
     engine: DockerEngine | None = None
@@ -94,6 +97,7 @@ async def bench_stack(dispatcher_config: DispatcherConfig | None = None) -> Asyn
             dispatcher=msgspec.structs.replace(
                 dispatcher_config or DispatcherConfig(), data_roots=[tempfile.gettempdir()]
             ),
+            pool=pool or PoolConfig(),
         )
         # the bench runs the dispatcher itself: it sets JetStream up like the service does
         async with Session(config, need_dispatcher=False, setup="apply") as session:
@@ -154,7 +158,8 @@ def run(main: Coroutine[Any, Any, None]) -> None:
 
 
 class RemovalWatcher:
-    """Tells when no container labelled ``ktrdr.op_id=<op>`` exists any more.
+    """Tells when no container of an op (labelled ``ktrdr.op_id=<op>``, or a warm pool
+    container named after it) exists any more.
 
     The engine's ``destroy`` events for op containers are read on a thread of their own;
     for each op it keeps the ``time.perf_counter()`` at which this process received the
@@ -178,7 +183,8 @@ class RemovalWatcher:
         try:
             for event in self._events:
                 received = time.perf_counter()
-                op_id = event.get("Actor", {}).get("Attributes", {}).get(LABEL_OP_ID, "")
+                attributes = event.get("Actor", {}).get("Attributes", {})
+                op_id, _attempt = op_of_container(attributes.get("name", ""), attributes)
                 self.removed_at[op_id] = received
                 self._loop.call_soon_threadsafe(self._changed.set)
         except Exception:  # noqa: BLE001 - the stream is closed at the end (or the loop is)
@@ -187,7 +193,12 @@ class RemovalWatcher:
     def containers_of(self, op_id: str) -> list[str]:
         """Ids of every container (any state) labelled with the op (blocking)."""
         found = self.client.api.containers(all=True, quiet=True, filters={"label": f"{LABEL_OP_ID}={op_id}"})
-        return [str(c["Id"]) for c in found]
+        # a warm pool container that ran the op: named after it (its labels predate it)
+        named = self.client.api.containers(
+            all=True, filters={"label": LABEL_POOL, "name": f"ktrdr-{op_id}-a"}
+        )
+        pooled = [c for c in named if op_of_container(c["Names"][0], c.get("Labels") or {})[0] == op_id]
+        return [str(c["Id"]) for c in [*found, *pooled]]
 
     async def wait_gone(self, op_id: str, timeout_s: float = 30.0, fallback_s: float = 0.5) -> float:
         """Wait until no container of the op exists; returns when that became known

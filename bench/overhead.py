@@ -22,7 +22,14 @@ Runs alternate, so both see the same machine state. Prints both medians and the 
 submit-to-terminal-status of ours (the endpoint before container removal, not compared)
 is printed too.
 
-    python bench/overhead.py [--runs 20]
+Twice by default: with the warm pool off (every op creates and starts its container) and
+on (``[[pool.shapes]]`` of the probe's shape: the op takes a container that was created,
+started and did its imports before the op was submitted). With the pool on, each timed
+run (either side) starts once the pool is quiet (nothing warming), so the replacement
+warming in the background never competes with the run being timed; its cost shows in
+``bench/throughput.py``.
+
+    python bench/overhead.py [--runs 20] [--pool both|on|off]
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ import subprocess
 import time
 import uuid
 
-from harness import RemovalWatcher, bench_stack, percentile, run
+from harness import RemovalWatcher, Stack, bench_stack, percentile, run
 
-from dispatcher.config import DispatcherConfig
+from dispatcher.config import DispatcherConfig, PoolConfig, PoolShape
 from dispatcher.engine import RUNNER_USER
 from ktrdr_run.session import Session
 from runner.protocol import Job, Resources, StatusEvent
@@ -88,25 +95,60 @@ async def through_ktrdr(session: Session, watcher: RemovalWatcher) -> tuple[floa
     return max(terminal_at, removed_at) - start, terminal_at - start
 
 
-async def main(runs: int) -> None:
+POOL = PoolConfig(shapes=[PoolShape(cpus=CPUS, memory_gb=MEMORY_GB, min=1, max=2)])
+
+
+async def pool_quiet(stack: Stack) -> None:
+    """Until the dispatcher's pool has a warm container and none warming (untimed)."""
+    pool = stack.dispatcher.pool
+    if pool is None:
+        return
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        sizes = pool.sizes()
+        warm = sum(n for (_shape, state), n in sizes.items() if state == "warm")
+        warming = sum(n for (_shape, state), n in sizes.items() if state == "warming")
+        if warm and not warming:
+            return
+        await asyncio.sleep(0.05)
+    raise SystemExit("the warm pool did not fill within 60 s")
+
+
+async def measure(runs: int, pool: PoolConfig | None) -> tuple[list[float], list[float], list[float], str]:
+    """Alternating raw and ktrdr-run runs; (raw, ours, ours to terminal status, image)."""
     watcher = RemovalWatcher()
     try:
-        async with bench_stack(DispatcherConfig(pids_limit=PIDS)) as stack:
+        async with bench_stack(DispatcherConfig(pids_limit=PIDS), pool=pool) as stack:
             # one warm-up of each, not counted
+            await pool_quiet(stack)
             await asyncio.to_thread(raw_docker_run, stack.image)
+            await pool_quiet(stack)
             await through_ktrdr(stack.session, watcher)
             raw, ours, ours_terminal = [], [], []
             for _ in range(runs):
+                await pool_quiet(stack)
                 raw.append(await asyncio.to_thread(raw_docker_run, stack.image))
+                await pool_quiet(stack)
                 removed, terminal = await through_ktrdr(stack.session, watcher)
                 ours.append(removed)
                 ours_terminal.append(terminal)
     finally:
         watcher.close()
+    return raw, ours, ours_terminal, stack.image
+
+
+async def main(runs: int, modes: list[str]) -> None:
+    print(f"runs: {runs} each side, alternating, after one warm-up each")
+    print("endpoint (both sides): outcome known to the client AND container removed")
+    for mode in modes:
+        raw, ours, ours_terminal, image = await measure(runs, POOL if mode == "on" else None)
+        report(f"warm pool {mode}", raw, ours, ours_terminal, image)
+
+
+def report(title: str, raw: list[float], ours: list[float], ours_terminal: list[float], image: str) -> None:
+    """Both medians, the ratio, and ours to terminal status."""
     raw_median, ours_median = statistics.median(raw), statistics.median(ours)
-    print(f"image                       {stack.image}")
-    print(f"runs                        {runs} each, alternating, after one warm-up each")
-    print("endpoint (both sides)       outcome known to the client AND container removed")
+    print(f"\n== {title} ({image})")
     rows = (("raw docker run --rm", raw), ("ktrdr-run probe", ours))
     for label, values in rows:
         p90_ms = percentile(values, 90) * 1000
@@ -122,4 +164,6 @@ async def main(runs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
-    run(main(parser.parse_args().runs))
+    parser.add_argument("--pool", choices=("both", "on", "off"), default="both")
+    args = parser.parse_args()
+    run(main(args.runs, ["off", "on"] if args.pool == "both" else [args.pool]))

@@ -110,6 +110,15 @@ def data_roots(config: Config) -> list[Path]:
     return [Path(r).expanduser().resolve() for r in raw]
 
 
+def default_data_dir(config: Config) -> str:
+    """The data directory a job that names none mounts, resolved as its op's would be
+    ("" = none, or when it would be refused)."""
+    try:
+        return resolve_data_dir(Job(job_id="default", kind="probe"), config)
+    except Rejected:
+        return ""
+
+
 def resolve_data_dir(job: Job, config: Config, *, own_job: bool = False) -> str:
     """The host directory to mount read-only at /data for this job ("" = none).
 

@@ -42,6 +42,24 @@ def write_secret(path: Path, text: str) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterNode:
+    """One node of a JetStream cluster: its name, how the other nodes reach it, where it
+    listens, and its store."""
+
+    name: str
+    #: The host name or address the other nodes route to.
+    route_host: str
+    store_dir: str = "/var/lib/nats"
+    listen_host: str = "0.0.0.0"
+    client_port: int = 4222
+    cluster_listen_host: str = "0.0.0.0"
+    cluster_port: int = 6222
+    #: Monitoring (``/healthz``, ``/jsz``); 0 = off.
+    http_port: int = 8222
+    monitor_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
 class Authority:
     """The operator, the accounts and the account's signing key."""
 
@@ -129,17 +147,40 @@ class Authority:
         )
 
     def cluster_configs(self, nodes: int, *, hosts: list[str] | None = None, store_dir: str) -> list[str]:
-        """One configuration per node of a JetStream cluster (routes on port 6222)."""
+        """One configuration per node of a JetStream cluster, each node on its own machine:
+        clients on port 4222, routes on 6222, monitoring on 127.0.0.1:8222."""
         names = hosts or [f"ktrdr-nats-{i + 1}" for i in range(nodes)]
-        routes = ", ".join(f"nats://{name}:6222" for name in names)
+        return self.cluster_node_configs(
+            [ClusterNode(name=name, route_host=name, store_dir=store_dir) for name in names]
+        )
+
+    def cluster_node_configs(self, nodes: list[ClusterNode], *, cluster_name: str = "ktrdr") -> list[str]:
+        """One configuration per node of ``nodes``, in their order: every node routes to
+        every other, JetStream with ``sync_interval: always``, the same trust.
+
+        Nodes do not advertise their client URLs: clients use the list of URLs they are
+        given (``[nats] url``), never addresses a node guessed for itself (with 0.0.0.0
+        that is every interface, some unreachable from where a client runs).
+        """
+        if len({node.name for node in nodes}) != len(nodes):
+            raise ValueError(f"cluster node names must differ: {[node.name for node in nodes]}")
+        routes = ", ".join(f"nats://{node.route_host}:{node.cluster_port}" for node in nodes)
+        trust = self.trust_block()
         configs = []
-        for name in names:
+        for node in nodes:
+            http = f"http: {node.monitor_host}:{node.http_port}\n" if node.http_port else ""
             configs.append(
-                f"server_name: {name}\n"
-                "listen: 0.0.0.0:4222\n"
-                f'jetstream {{\n  store_dir: "{store_dir}"\n  sync_interval: always\n}}\n'
-                f"cluster {{\n  name: ktrdr\n  listen: 0.0.0.0:6222\n  routes: [{routes}]\n}}\n"
-                f"{self.trust_block()}"
+                f"server_name: {node.name}\n"
+                f"listen: {node.listen_host}:{node.client_port}\n"
+                f"{http}"
+                # an acknowledged write is on disk on a majority of nodes: without it, one
+                # that several nodes hold only in the page cache is lost when they all lose
+                # power at once (the default flushes every 2 minutes)
+                f'jetstream {{\n  store_dir: "{node.store_dir}"\n  sync_interval: always\n}}\n'
+                f"cluster {{\n  name: {cluster_name}\n"
+                f"  listen: {node.cluster_listen_host}:{node.cluster_port}\n"
+                f"  routes: [{routes}]\n  no_advertise: true\n}}\n"
+                f"{trust}"
             )
         return configs
 

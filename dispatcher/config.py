@@ -24,7 +24,15 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class NatsConfig(Struct, frozen=True, forbid_unknown_fields=True):
-    """Where NATS is, and whether to start one when nothing answers there."""
+    """Where NATS is, and whether to start one when nothing answers there.
+
+    ``url``: one server, or a comma-separated list of every node of a cluster
+    (``nats://n1:4222,nats://n2:4222,nats://n3:4222``); clients move to another node when
+    theirs is lost, and runners get the same list. An embedded server is started only for
+    a single local URL. ``replicas``: of every stream, bucket and the object store; 0 =
+    auto: 3 when the server is part of a cluster (1 when the cluster cannot place 3),
+    else 1.
+    """
 
     url: str = "nats://127.0.0.1:4222"
     #: A ``.creds`` file for ktrdr-run's own connections ("" = the deployment's own
@@ -36,6 +44,7 @@ class NatsConfig(Struct, frozen=True, forbid_unknown_fields=True):
     connect_timeout_s: Annotated[float, Meta(gt=0)] = 2.0
     store_dir: str = ""
     dedupe_window_s: Annotated[float, Meta(gt=0)] = 600.0
+    replicas: Literal[0, 1, 3, 5] = 0
 
 
 class RetentionConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -101,6 +110,44 @@ class MetricsConfig(Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = ""
 
 
+class PoolShape(Struct, frozen=True, forbid_unknown_fields=True):
+    """One shape of warm container (``[[pool.shapes]]``): ops whose resolved resources
+    are exactly these CPUs and memory (and the default data mount, no GPU) take one."""
+
+    cpus: Annotated[float, Meta(gt=0)]
+    memory_gb: Annotated[float, Meta(gt=0)]
+    #: Warm containers kept on each host, whatever the demand.
+    min: Annotated[int, Meta(ge=0, le=64)] = 1
+    #: At most this many per host, when ops keep finding none warm.
+    max: Annotated[int, Meta(ge=0, le=64)] = 4
+    #: The op kinds it is warmed for: their declared imports are done ahead (any kind
+    #: may still take one). Empty: every kind's.
+    kinds: list[str] = []
+    #: Must stay 0: a warm container would hold its GPUs while it waits.
+    gpus: int = 0
+
+    def __post_init__(self) -> None:
+        if self.gpus:
+            raise ValueError(
+                "gpus: warm pools are off for GPU shapes (a waiting container would hold the devices)"
+            )
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+
+
+class PoolConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """The warm pool of the service dispatcher (no shapes: off)."""
+
+    shapes: list[PoolShape] = []
+    #: A warm container beyond its shape's ``min`` that waits this long is removed.
+    idle_ttl_s: Annotated[float, Meta(gt=0)] = 300.0
+
+    def __post_init__(self) -> None:
+        keys = [(s.cpus, s.memory_gb) for s in self.shapes]
+        if len(set(keys)) != len(keys):
+            raise ValueError("shapes: two shapes have the same cpus and memory_gb")
+
+
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
     """All of ktrdr-run's configuration."""
 
@@ -112,10 +159,22 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     images: ImagesConfig = ImagesConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     metrics: MetricsConfig = MetricsConfig()
+    pool: PoolConfig = PoolConfig()
 
     def state_path(self) -> Path:
         """The directory for local state (embedded NATS store, caches)."""
         return Path(self.state_dir).expanduser()
+
+
+def config_toml(config: Config) -> bytes:
+    """``config`` as the TOML :func:`load_config` reads back (unset values left out)."""
+
+    def drop_none(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        return value
+
+    return msgspec.toml.encode(drop_none(msgspec.to_builtins(config)))
 
 
 def _substitute(text: str, env: dict[str, str], source: str) -> str:

@@ -37,6 +37,7 @@ from runner.protocol import (
     LABEL_DISPATCHER,
     LABEL_KIND,
     LABEL_OP_ID,
+    POOL_READY_LINE,
     SPEC_ENV,
     Resources,
 )
@@ -368,21 +369,32 @@ class DockerEngine:
         """The NATS URL a container on this engine should use (blocking).
 
         A loopback address means nothing inside a container: swap in the gateway of the
-        runners' network (created here if missing).
+        runners' network (created here if missing). ``nats_url`` may be a comma-separated
+        list (a cluster's nodes): each URL of it is swapped.
         """
-        parsed = urlparse(nats_url)
-        host = parsed.hostname or "127.0.0.1"
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            return nats_url
-        netloc = self.ensure_runner_network() + (f":{parsed.port}" if parsed.port else "")
-        if parsed.username:
-            creds = parsed.username + (f":{parsed.password}" if parsed.password else "")
-            netloc = f"{creds}@{netloc}"
-        return urlunparse(parsed._replace(netloc=netloc))
+        gateway: list[str] = []  # looked up once, and only when some URL needs it
+
+        def one(url: str) -> str:
+            parsed = urlparse(url if "://" in url else f"nats://{url}")
+            host = parsed.hostname or "127.0.0.1"
+            try:
+                loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                return url
+            if not gateway:
+                gateway.append(self.ensure_runner_network())
+            netloc = gateway[0] + (f":{parsed.port}" if parsed.port else "")
+            if parsed.username:
+                creds = parsed.username + (f":{parsed.password}" if parsed.password else "")
+                netloc = f"{creds}@{netloc}"
+            return urlunparse(parsed._replace(netloc=netloc))
+
+        urls = [part.strip() for part in nats_url.split(",") if part.strip()]
+        if len(urls) <= 1:
+            return one(nats_url)
+        return ",".join(one(url) for url in urls)
 
     async def create(
         self,
@@ -483,7 +495,8 @@ class DockerEngine:
         raw = b""
         if tail_lines:
             raw = await self.call(self.api.logs, container_id, stdout=True, stderr=True, tail=tail_lines)
-        lines = raw.decode("utf-8", "replace").splitlines()[-tail_lines:] if raw else []
+        lines = [line for line in raw.decode("utf-8", "replace").splitlines() if line != POOL_READY_LINE]
+        lines = lines[-tail_lines:]
         return ContainerExit(
             exit_code=int(state.get("ExitCode", -1)),
             oom_killed=bool(state.get("OOMKilled")),

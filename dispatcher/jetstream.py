@@ -1,4 +1,4 @@
-"""Connecting to NATS and setting up JetStream: idempotent, safe from several processes.
+"""Setting up JetStream: idempotent, safe from several processes.
 
 Only the service configures JetStream. ``ktrdr-run dispatcher`` and ``ktrdr-run setup``
 call :func:`ensure_jetstream` in mode "apply": they create what is missing and update
@@ -11,25 +11,22 @@ looks up. In every mode the differences found are reported in ``handles.drift``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client as NATS
-from nats.aio.client import Credentials
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from dispatcher.config import Config
-from dispatcher.errors import JetStreamSetupError, NatsRefused, NatsUnavailable
+from dispatcher.errors import JetStreamSetupError, NatsUnavailable
 from runner.protocol import (
     ARTIFACTS_BUCKET,
     DEAD_LETTER_STREAM,
@@ -52,91 +49,29 @@ log = logging.getLogger("ktrdr.jetstream")
 SetupMode = Literal["bind", "create", "apply"]
 
 
-async def connect(
-    url: str,
-    *,
-    name: str,
-    connect_timeout_s: float = 2.0,
-    retry: bool = True,
-    credentials: Credentials | None = None,
-    on_disconnected: Callable[[], Awaitable[None]] | None = None,
-    on_reconnected: Callable[[], Awaitable[None]] | None = None,
-) -> NATS:
-    """Connect to NATS; once connected, the client reconnects by itself through outages.
-
-    With ``retry=False`` the first connection is one quick attempt (used to probe for a
-    server: nothing listening fails at once); otherwise it is retried for up to
-    ``3 * connect_timeout_s``. ``credentials``: a ``.creds`` file path or text
-    (``RawCredentials``). ``on_disconnected``/``on_reconnected`` are awaited when the
-    connection drops and when it is back. A server that refuses the credentials (or wants
-    some) fails at once, saying so.
-    """
-    refused: list[str] = []
-    refusal = asyncio.Event()
-
-    async def on_error(exc: Exception) -> None:
-        if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
-            refused.append(str(exc))
-            refusal.set()
-            if len(refused) > 1:
-                return  # a refusal repeats on every reconnect: said once
-        log.warning("nats %s: %s", name, exc)
-
-    options: dict[str, Any] = {
-        "name": name,
-        "connect_timeout": connect_timeout_s,
-        "error_cb": on_error,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
-    }
-    if on_disconnected is not None:
-        options["disconnected_cb"] = on_disconnected
-    if on_reconnected is not None:
-        options["reconnected_cb"] = on_reconnected
-    if credentials is not None:
-        options["user_credentials"] = credentials
-    if not retry:
-        await _check_listening(url, connect_timeout_s)
-    connecting = asyncio.ensure_future(nats.connect(url, **options))
-    refused_wait = asyncio.ensure_future(refusal.wait())
-    try:
-        # a refusal is final: no point retrying the same credentials until the deadline
-        await asyncio.wait(
-            {connecting, refused_wait}, timeout=connect_timeout_s * 3, return_when=asyncio.FIRST_COMPLETED
-        )
-        if not connecting.done():
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await connecting
-            raise nats.errors.Error(refused[-1]) if refused else TimeoutError()
-        return connecting.result()
-    except (OSError, TimeoutError, nats.errors.Error) as exc:
-        said = str(exc) or type(exc).__name__
-        if refused or "authorization" in said.lower():
-            raise NatsRefused(
-                f"the NATS server at {redact_url(url)} refused ktrdr-run's credentials "
-                f"({refused[-1] if refused else said}): set [nats] creds to a credentials file it "
-                "accepts (`ktrdr-run creds issue` where its configuration was made)"
-            ) from None
-        raise NatsUnavailable(f"no NATS server answers at {redact_url(url)}: {said}") from None
-    finally:
-        refused_wait.cancel()
+# The server cannot place a stream on that many servers: "no suitable peers for
+# placement", "insufficient resources", "replicas > 1 not supported in non-clustered mode".
+_NO_PLACEMENT = frozenset({10005, 10023, 10074})
+_STREAM_NAME_IN_USE = 10058
+_TEMPORARILY_UNAVAILABLE = 10008  # "JetStream system temporarily unavailable": no meta leader
+#: How long setting up JetStream waits for a cluster to elect its leaders.
+ELECTION_WAIT_S = 20.0
+CLUSTER_REPLICAS = 3
 
 
-async def _check_listening(url: str, timeout_s: float) -> None:
-    """Fail at once when nothing listens at ``url`` (nats.connect would retry for seconds)."""
-    parsed = urlparse(url if "://" in url else f"nats://{url}")
-    try:
-        _reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout_s
-        )
-    except (OSError, TimeoutError) as exc:
-        raise NatsUnavailable(
-            f"no NATS server answers at {redact_url(url)}: {exc or type(exc).__name__}"
-        ) from None
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+def server_cluster(nc: NATS) -> str:
+    """The name of the cluster the connected server belongs to ("" = a single server)."""
+    info = getattr(nc, "_server_info", None) or {}  # nats-py keeps the server's INFO private
+    return str(info.get("cluster") or "") if info.get("jetstream") else ""
+
+
+def wanted_replicas(nc: NATS, config: Config) -> int:
+    """How many replicas streams, buckets and the object store get: ``[nats] replicas``,
+    or with 0 (auto) 3 when the connected server is part of a cluster, else 1 (a cluster
+    with fewer than 3 JetStream servers is found out when it refuses to place 3)."""
+    if config.nats.replicas:
+        return config.nats.replicas
+    return CLUSTER_REPLICAS if server_cluster(nc) else 1
 
 
 def _stream_configs(config: Config) -> list[api.StreamConfig]:
@@ -294,7 +229,8 @@ class JetStreamHandles:
 
     ``drift``: one line per setting whose value on the server differs from the config
     (in "apply" mode: the value it had before it was updated). ``created`` / ``updated``:
-    what this call created or changed (always empty in "bind" mode).
+    what this call created or changed (always empty in "bind" mode). ``replicas``: how
+    many replicas this call wanted for each stream, bucket and the object store.
     """
 
     def __init__(
@@ -309,6 +245,7 @@ class JetStreamHandles:
         drift: list[str] | None = None,
         created: list[str] | None = None,
         updated: list[str] | None = None,
+        replicas: int = 1,
     ):
         self.js = js
         self.ops = ops
@@ -319,6 +256,7 @@ class JetStreamHandles:
         self.drift: list[str] = drift or []
         self.created: list[str] = created or []
         self.updated: list[str] = updated or []
+        self.replicas = replicas
 
 
 def _server_url(nc: NATS) -> str:
@@ -329,22 +267,57 @@ def _server_url(nc: NATS) -> str:
     return f"{url.scheme or 'nats'}://{url.hostname}:{url.port or 4222}"
 
 
+class _CannotPlace(Exception):
+    """The cluster refused a change for lack of servers to place the replicas on."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Setup:
     """One pass over the contract in one mode, collecting drift, creations and updates."""
 
-    def __init__(self, js: JetStreamContext, mode: SetupMode) -> None:
+    def __init__(self, js: JetStreamContext, mode: SetupMode, *, replicas: int, auto: bool) -> None:
         self.js = js
         self.mode = mode
+        #: Replicas wanted; with ``auto`` it drops to 1 when the cluster cannot place more.
+        self.replicas = replicas
+        self.auto = auto
         self.drift: list[str] = []
         self.created: list[str] = []
         self.updated: list[str] = []
         self.missing: list[str] = []
 
+    def _replicas_want(self) -> _Want:
+        setting = "[nats] replicas" if not self.auto else "[nats] replicas = 0: 3 on a cluster"
+        return _Want("num_replicas", self.replicas, "has {} replica(s)", setting=setting)
+
+    def _cannot_place(self, label: str, exc: APIError) -> None:
+        """The cluster refused to place ``label`` on ``self.replicas`` servers: in auto mode
+        it has fewer than 3 JetStream servers, so everything gets 1; otherwise say so."""
+        said = exc.description or str(exc)
+        if not self.auto or self.replicas == 1:
+            raise JetStreamSetupError(
+                f"the NATS cluster cannot place {label} on {self.replicas} servers ({said}): "
+                f"[nats] replicas = {self.replicas} needs that many JetStream servers up"
+            ) from None
+        log.warning(
+            "the NATS cluster cannot place %s on %d servers (%s): fewer than %d JetStream servers; "
+            "streams, buckets and the object store get 1 replica",
+            label,
+            self.replicas,
+            said,
+            CLUSTER_REPLICAS,
+        )
+        self.replicas = 1
+
     async def stream(
-        self, label: str, stream: str, wants: list[_Want], create: Callable[[], Awaitable[object]]
+        self, label: str, stream: str, wants: list[_Want], create: Callable[[int], Awaitable[object]]
     ) -> bool:
-        """Bind ``stream`` (creating it where the mode allows); False when it is missing."""
-        for _ in range(3):
+        """Bind ``stream`` (creating it where the mode allows, with ``self.replicas``
+        replicas); False when it is missing."""
+        for _ in range(4):
             try:
                 info = await self.js.stream_info(stream)
             except NotFoundError:
@@ -352,24 +325,40 @@ class _Setup:
                     self.missing.append(label)
                     return False
                 try:
-                    await create()
-                except BadRequestError:
-                    continue  # another process created it meanwhile: bind and compare
+                    await create(self.replicas)
+                except APIError as exc:
+                    if exc.err_code in _NO_PLACEMENT:
+                        self._cannot_place(label, exc)
+                        continue  # again, with fewer replicas
+                    if isinstance(exc, BadRequestError) and exc.err_code in (None, _STREAM_NAME_IN_USE):
+                        continue  # another process created it meanwhile: bind and compare
+                    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                        raise
+                    raise JetStreamSetupError(
+                        f"the NATS server refuses to create {label}: {exc.description or exc}"
+                    ) from None
                 self.created.append(label)
-                log.info("created %s", label)
+                log.info("created %s (%d replica(s))", label, self.replicas)
                 return True
             current = info.config
+            every = [*wants, self._replicas_want()]
             diffs = [
-                (w, getattr(current, w.field)) for w in wants if not _same(getattr(current, w.field), w.value)
+                (w, getattr(current, w.field)) for w in every if not _same(getattr(current, w.field), w.value)
             ]
-            self.drift.extend(w.drift(label, value) for w, value in diffs)
             if diffs and self.mode == "apply":
                 changes = {w.field: w.value for w, _ in diffs}
                 max_age = changes.get("max_age")
                 if max_age and "duplicate_window" not in changes and current.duplicate_window:
                     # the server refuses a duplicate window longer than the max age
                     changes["duplicate_window"] = min(current.duplicate_window, max_age)
-                await self._apply(label, diffs, self.js.update_stream(_replace_config(current, **changes)))
+                try:
+                    await self._apply(
+                        label, diffs, self.js.update_stream(_replace_config(current, **changes))
+                    )
+                except _CannotPlace as cannot:
+                    self._cannot_place(label, cannot.error)
+                    continue  # compare again, now wanting 1 replica
+            self.drift.extend(w.drift(label, value) for w, value in diffs)
             return True
         raise NatsUnavailable(f"could not create or bind {label}")
 
@@ -399,6 +388,8 @@ class _Setup:
         try:
             await change
         except APIError as exc:
+            if exc.err_code in _NO_PLACEMENT:
+                raise _CannotPlace(exc) from None
             raise JetStreamSetupError(
                 f"the NATS server refuses to change {label}: {exc.description or exc}"
             ) from None
@@ -419,72 +410,106 @@ async def ensure_jetstream(nc: NATS, config: Config, *, mode: SetupMode = "bind"
       (``ktrdr-run dispatcher``) and ``ktrdr-run setup``.
 
     Settings that differ from ``config`` are listed in ``handles.drift`` in every mode.
+    Replicas (:func:`wanted_replicas`) are one of them: "apply" raises an R1 stream to R3
+    once the server is part of a cluster.
     """
     js = nc.jetstream()
-    setup = _Setup(js, mode)
-    try:
-        for wanted in _stream_configs(config):
-            assert wanted.name is not None
-            await setup.stream(
-                f"stream {wanted.name}",
-                wanted.name,
-                _stream_wants(wanted),
-                functools.partial(js.add_stream, wanted),
-            )
-        # history 1: when a finished record's TTL runs out, no older revision resurfaces;
-        # per-message TTLs: finished op records, and dispatchers' presence entries
-        buckets = [
-            (OPS_BUCKET, True),
-            (HOSTS_BUCKET, False),
-            (RESERVATIONS_BUCKET, False),
-            (DISPATCHERS_BUCKET, True),
-        ]
-        for bucket, msg_ttl in buckets:
-            kv_config = api.KeyValueConfig(bucket=bucket, history=1, storage=api.StorageType.FILE)
-            await setup.stream(
-                f"KV {bucket}",
-                f"KV_{bucket}",
-                _kv_wants(1, msg_ttl),
-                functools.partial(js.create_key_value, kv_config),
-            )
-        artifacts_s = config.retention.artifacts_s
-        await setup.stream(
-            f"object store {ARTIFACTS_BUCKET}",
-            f"OBJ_{ARTIFACTS_BUCKET}",
-            [_Want("max_age", artifacts_s, "keeps artifacts for {}", _duration, "[retention] artifacts_s")],
-            functools.partial(
-                js.create_object_store,
-                ARTIFACTS_BUCKET,
-                config=api.ObjectStoreConfig(
-                    bucket=ARTIFACTS_BUCKET, ttl=artifacts_s, storage=api.StorageType.FILE
-                ),
-            ),
-        )
-        if setup.missing:
-            url = _server_url(nc)
-            total = len(_stream_configs(config)) + len(buckets) + 1
-            where = redact_url(url)
-            if len(setup.missing) == total:
-                raise JetStreamSetupError(f"no ktrdr-run streams on the NATS server at {where}: {SETUP_HINT}")
-            raise JetStreamSetupError(
-                f"the NATS server at {where} lacks ktrdr-run's {', '.join(setup.missing)}: {SETUP_HINT}"
-            )
-        await setup.consumer(dispatcher_consumer_config(config))
-        handles = JetStreamHandles(
-            js,
-            ops=await js.key_value(OPS_BUCKET),
-            hosts=await js.key_value(HOSTS_BUCKET),
-            reservations=await js.key_value(RESERVATIONS_BUCKET),
-            artifacts=await js.object_store(ARTIFACTS_BUCKET),
-            dispatchers=await js.key_value(DISPATCHERS_BUCKET),
-            drift=setup.drift,
-            created=setup.created,
-            updated=setup.updated,
-        )
-    except nats.js.errors.ServiceUnavailableError as exc:
-        raise NatsUnavailable(
-            f"the NATS server at {_server_url(nc)} has no JetStream enabled ({exc}); start it with -js"
-        ) from None
+    setup = _Setup(js, mode, replicas=wanted_replicas(nc, config), auto=not config.nats.replicas)
+    deadline = asyncio.get_running_loop().time() + ELECTION_WAIT_S
+    while True:
+        setup.drift, setup.missing = [], []  # what was created or updated so far stays said
+        try:
+            handles = await _set_up(nc, js, config, setup)
+            break
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            js_enabled = bool((getattr(nc, "_server_info", None) or {}).get("jetstream"))
+            electing = js_enabled and getattr(exc, "err_code", None) in (None, _TEMPORARILY_UNAVAILABLE)
+            if electing and asyncio.get_running_loop().time() < deadline:
+                # a cluster electing a (meta or stream) leader answers nothing, or "temporarily
+                # unavailable", for a few seconds: every step is idempotent, so go again
+                log.info("JetStream at %s not answering (%s); retrying", _server_url(nc), exc)
+                await asyncio.sleep(0.5)
+                continue
+            if electing or isinstance(exc, nats.errors.TimeoutError):
+                raise NatsUnavailable(
+                    f"JetStream at {_server_url(nc)} did not answer within {ELECTION_WAIT_S:g}s ({exc}): "
+                    "on a cluster, is a majority of its servers up?"
+                ) from None
+            raise NatsUnavailable(
+                f"the NATS server at {_server_url(nc)} has no JetStream enabled ({exc}); start it with -js"
+            ) from None
     for line in setup.drift:
         log.debug("drift: %s", line)
     return handles
+
+
+async def _set_up(nc: NATS, js: JetStreamContext, config: Config, setup: _Setup) -> JetStreamHandles:
+    """One pass of :func:`ensure_jetstream` over every stream, bucket and the object store."""
+
+    async def add_stream(wanted: api.StreamConfig, replicas: int) -> object:
+        return await js.add_stream(dataclasses.replace(wanted, num_replicas=replicas))
+
+    for wanted in _stream_configs(config):
+        assert wanted.name is not None
+        await setup.stream(
+            f"stream {wanted.name}",
+            wanted.name,
+            _stream_wants(wanted),
+            functools.partial(add_stream, wanted),
+        )
+    # history 1: when a finished record's TTL runs out, no older revision resurfaces;
+    # per-message TTLs: finished op records, and dispatchers' presence entries
+    buckets = [
+        (OPS_BUCKET, True),
+        (HOSTS_BUCKET, False),
+        (RESERVATIONS_BUCKET, False),
+        (DISPATCHERS_BUCKET, True),
+    ]
+
+    async def add_bucket(bucket: str, replicas: int) -> object:
+        return await js.create_key_value(
+            api.KeyValueConfig(bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas)
+        )
+
+    for bucket, msg_ttl in buckets:
+        await setup.stream(
+            f"KV {bucket}", f"KV_{bucket}", _kv_wants(1, msg_ttl), functools.partial(add_bucket, bucket)
+        )
+    artifacts_s = config.retention.artifacts_s
+
+    async def add_object_store(replicas: int) -> object:
+        return await js.create_object_store(
+            ARTIFACTS_BUCKET,
+            config=api.ObjectStoreConfig(
+                bucket=ARTIFACTS_BUCKET, ttl=artifacts_s, storage=api.StorageType.FILE, replicas=replicas
+            ),
+        )
+
+    await setup.stream(
+        f"object store {ARTIFACTS_BUCKET}",
+        f"OBJ_{ARTIFACTS_BUCKET}",
+        [_Want("max_age", artifacts_s, "keeps artifacts for {}", _duration, "[retention] artifacts_s")],
+        add_object_store,
+    )
+    if setup.missing:
+        url = _server_url(nc)
+        total = len(_stream_configs(config)) + len(buckets) + 1
+        where = redact_url(url)
+        if len(setup.missing) == total:
+            raise JetStreamSetupError(f"no ktrdr-run streams on the NATS server at {where}: {SETUP_HINT}")
+        raise JetStreamSetupError(
+            f"the NATS server at {where} lacks ktrdr-run's {', '.join(setup.missing)}: {SETUP_HINT}"
+        )
+    await setup.consumer(dispatcher_consumer_config(config))
+    return JetStreamHandles(
+        js,
+        ops=await js.key_value(OPS_BUCKET),
+        hosts=await js.key_value(HOSTS_BUCKET),
+        reservations=await js.key_value(RESERVATIONS_BUCKET),
+        artifacts=await js.object_store(ARTIFACTS_BUCKET),
+        dispatchers=await js.key_value(DISPATCHERS_BUCKET),
+        drift=setup.drift,
+        created=setup.created,
+        updated=setup.updated,
+        replicas=setup.replicas,
+    )

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
-from runner.protocol import LogEvent, now
+from runner.protocol import POOL_READY_LINE, LogEvent, now
 
 _LEVEL = re.compile(r"^\[(debug|info|warning|error|critical)\] ", re.IGNORECASE)
 _END = object()
@@ -64,7 +64,8 @@ async def stream_logs(
     def pump() -> None:
         try:
             for line in split_lines(read_chunks()):
-                loop.call_soon_threadsafe(queue.put_nowait, line)
+                if line != POOL_READY_LINE:  # a warm container's, from before its op
+                    loop.call_soon_threadsafe(queue.put_nowait, line)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, _END)
 

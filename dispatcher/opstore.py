@@ -14,6 +14,7 @@ conflict.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
@@ -28,7 +29,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from dispatcher.errors import OpNotFound, OwnershipLost
-from dispatcher.kvwatch import watch_entries
+from dispatcher.kvwatch import SCAN_BATCH, scan_values, watch_entries
 from runner.protocol import (
     TERMINAL_STATES,
     OpRecord,
@@ -259,6 +260,21 @@ class OpStore:
                 first = False
         finally:
             await batches.aclose()
+
+    async def scan(self, batch: int = SCAN_BATCH) -> AsyncGenerator[list[OpRecord], None]:
+        """Every op record, ``batch`` at a time, holding one batch in memory: the bucket
+        keeps finished records for ``retention_s``, so a :meth:`list` of them all grows
+        with every op run in that time (see :func:`dispatcher.kvwatch.scan_values`).
+        Unreadable records are skipped."""
+        async with contextlib.aclosing(scan_values(self.js, self.kv, batch)) as batches:
+            async for msgs in batches:
+                records: list[OpRecord] = []
+                for msg in msgs:
+                    try:
+                        records.append(record_decoder.decode(msg.data))
+                    except msgspec.DecodeError as exc:
+                        log.warning("op record %s is unreadable (%s); skipped", msg.subject, exc)
+                yield records
 
     async def list(self) -> list[OpRecord]:
         """Every op record in the bucket (one pass over the bucket's current values)."""

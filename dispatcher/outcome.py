@@ -17,6 +17,7 @@ import msgspec
 from dispatcher.engine import ContainerExit, DockerEngine
 from dispatcher.opstore import Owner
 from dispatcher.placement import Reservation
+from dispatcher.warm import WarmContainer
 from runner.protocol import (
     EXIT_RUNNER_UNREACHABLE,
     CancelAckEvent,
@@ -68,6 +69,8 @@ class OpRun:
     abort_reason: str = ""
     abort_message: str = ""
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The warm pool container taken for this attempt when it was placed (None: a fresh one).
+    warm: WarmContainer | None = None
 
     def abort(self, reason: str, message: str) -> None:
         """End the attempt early; the supervisor acts on the first reason given."""

@@ -78,7 +78,8 @@ def gpus_needed(resources: Resources) -> int:
     return 0 if resources.gpu == "never" else max(1, resources.gpus or 0)
 
 
-def _max_ops(host: Host) -> int:
+def max_ops_of(host: Host) -> int:
+    """The most ops a host may run at once (its ``max_ops`` label; 0 = no limit)."""
     try:
         return int(host.labels.get("max_ops", "0") or 0)
     except ValueError:
@@ -98,7 +99,7 @@ def rank_hosts(
     gpu_last: list[tuple[float, Host, tuple[str, ...]]] = []
     for host in hosts:
         used = usage(host.name)
-        limit = _max_ops(host)
+        limit = max_ops_of(host)
         if limit and used.ops >= limit:
             continue
         if used.cpus + need_cpus > host.cpus + 1e-9 or used.memory_bytes + need_memory > host.memory_bytes:
@@ -115,6 +116,30 @@ def rank_hosts(
             (gpu_last if host.gpus else plain).append((load, host, ()))
     groups = [gpu_first, plain, gpu_last]
     return [(host, gpus) for group in groups for _load, host, gpus in sorted(group, key=lambda x: x[0])]
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """One resource of one host: what it has and what reservations leave free."""
+
+    host: str
+    resource: str  # cpus | memory_bytes | gpus
+    total: float
+    free: float
+
+
+def capacity_of(hosts: Iterable[Host], usage: Callable[[str], Usage]) -> list[Capacity]:
+    """Each host's CPUs, memory and GPUs: what it has, and what reservations leave free."""
+    found = []
+    for host in hosts:
+        used = usage(host.name)
+        gpus, memory = len(gpu_device_ids(host.gpus)), host.memory_bytes
+        found += [
+            Capacity(host.name, "cpus", host.cpus, max(0.0, host.cpus - used.cpus)),
+            Capacity(host.name, "memory_bytes", memory, max(0, memory - used.memory_bytes)),
+            Capacity(host.name, "gpus", gpus, max(0, gpus - len(used.gpu_ids))),
+        ]
+    return found
 
 
 def why_never_placeable(hosts: list[Host], resources: Resources, gpu_usable: GpuUsable) -> str:

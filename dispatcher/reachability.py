@@ -38,6 +38,7 @@ def _answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
 
 
 def _host_port(url: str) -> tuple[str, int]:
+    url = url.split(",")[0].strip()  # a cluster's list: its first node stands for all
     parsed = urlparse(url if "://" in url else f"nats://{url}")
     return parsed.hostname or "127.0.0.1", parsed.port or 4222
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -44,8 +45,11 @@ from runner.protocol import (
     LABEL_CLUSTER,
     LABEL_DISPATCHER,
     LABEL_OP_ID,
+    LABEL_POOL,
     OpRecord,
+    container_name,
     now,
+    op_of_container,
 )
 
 if TYPE_CHECKING:
@@ -84,8 +88,19 @@ def _orphaned(d: Dispatcher, record: OpRecord, live: set[str]) -> bool:
 
 
 async def take_over_orphans(d: Dispatcher, live: set[str]) -> None:
-    """Claim and adopt (or requeue) every active op whose dispatcher is dead."""
-    for record in await d.store.list():
+    """Claim and adopt (or requeue) every active op whose dispatcher is dead (and count
+    the ops by state for the metrics, from the same read).
+
+    The bucket keeps every finished op for the retention period: the records are read a
+    batch at a time and only those that may need a hand (active, or requeued) are kept,
+    so the dispatcher's memory does not grow with the ops it has run."""
+    states: Counter[str] = Counter()
+    records: list[OpRecord] = []
+    async for batch in d.store.scan():
+        states.update(record.state for record in batch)
+        records += [r for r in batch if r.state in ACTIVE_STATES or (r.state == "queued" and r.attempts >= 1)]
+    d.metrics.count_states(states)
+    for record in records:
         if record.state in ACTIVE_STATES and _orphaned(d, record, live):
             try:
                 await take_over(d, record)
@@ -199,7 +214,12 @@ async def remove_attempt_containers(d: Dispatcher, record: OpRecord) -> None:
         found: list[dict[str, Any]] = await engine.call(
             engine.api.containers, all=True, filters={"label": labels}
         )
-        for container in found:
+        # a warm pool container claimed for the op: known by its name, not its labels
+        name = container_name(record.op_id, record.attempts)
+        named: list[dict[str, Any]] = await engine.call(
+            engine.api.containers, all=True, filters={"name": f"^/{name}$"}
+        )
+        for container in {c["Id"]: c for c in [*found, *named]}.values():
             log.info(
                 "removing container %s of op %s (attempt %d)",
                 container["Id"][:12],
@@ -256,7 +276,7 @@ async def reap_host(d: Dispatcher, host_name: str, live: set[str] | None = None)
             log.info(
                 "removing container %s of op %s on %s (%s)",
                 container["Id"][:12],
-                labels.get(LABEL_OP_ID, "?"),
+                op_of_container((container.get("Names") or [""])[0], labels)[0] or "(warm, none)",
                 host_name,
                 why,
             )
@@ -275,7 +295,18 @@ async def reap_host(d: Dispatcher, host_name: str, live: set[str] | None = None)
 async def _stale(d: Dispatcher, container: dict[str, Any], live: set[str]) -> str:
     """Why a labelled container should go ("" when it belongs to a live attempt)."""
     labels = container.get("Labels") or {}
-    op_id, cid = labels.get(LABEL_OP_ID, ""), container["Id"]
+    name = (container.get("Names") or [""])[0]
+    op_id, attempt = op_of_container(name, labels)
+    cid = container["Id"]
+    if not op_id and LABEL_POOL in labels:  # a warm container no op has taken
+        owner = labels.get(LABEL_DISPATCHER, "")
+        if container.get("State") in ("exited", "dead"):
+            return "a warm container that ended without an op"
+        if owner == d.dispatcher_id:  # this id's, but maybe of an earlier life of it
+            return (
+                "" if d.pool is not None and d.pool.holds(name) else "a warm container our pool does not hold"
+            )
+        return "" if owner in live else f"a warm container of {owner}, gone"
     record = await d.store.find(op_id)
     if record is None:
         return "no op record"
@@ -283,7 +314,7 @@ async def _stale(d: Dispatcher, container: dict[str, Any], live: set[str]) -> st
         return f"op {record.state}"
     if record.container_id == cid:
         return ""  # the current attempt's: its owner (or a take-over) follows it
-    same_attempt = labels.get(LABEL_ATTEMPT, "") == str(record.attempts)
+    same_attempt = attempt == str(record.attempts)
     owner_alive = labels.get(LABEL_DISPATCHER, "") == record.dispatcher and not _orphaned(d, record, live)
     if same_attempt and record.state in ("placing", "starting") and owner_alive:
         return ""  # being started right now

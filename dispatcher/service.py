@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 import docker
@@ -37,22 +36,22 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError as ObjectNotFoundError
 
-from discovery.base import DiscoveryError
 from dispatcher import reachability
-from dispatcher.admission import Rejected, resolve_resources, validate_job
+from dispatcher.admission import Rejected, default_data_dir, resolve_resources, validate_job
 from dispatcher.config import Config
-from dispatcher.engine import DockerEngine
 from dispatcher.errors import OwnershipLost
 from dispatcher.fleet import Fleet, publish_hosts
 from dispatcher.intake import cancel_before_start, cancel_unstarted, intent_of, queued_record
 from dispatcher.jetstream import JetStreamHandles
 from dispatcher.joblease import DirectLease, JobLease, QueueLease
 from dispatcher.liveness import DispatcherLease, deployment_id
-from dispatcher.metrics import Metrics
+from dispatcher.metrics import LiveSources, Metrics
 from dispatcher.opstore import TRANSIENT_ERRORS, OpStore, Owner, retrying
 from dispatcher.outcome import OpRun
-from dispatcher.placement import Placement, Reservation, why_never_placeable
+from dispatcher.placement import Placement, capacity_of, why_never_placeable
+from dispatcher.pool import WarmPool
 from dispatcher.rejections import dead_letter, reject
+from dispatcher.room import Room
 from dispatcher.runner_access import RunnerAccess
 from dispatcher.runner_images import ImageProvider, RunnerImages
 from dispatcher.supervisor import Supervisor
@@ -67,7 +66,6 @@ from runner.protocol import (
     DispatcherInfo,
     Job,
     OpRecord,
-    Resources,
     encode,
     event_decoder,
     job_subject,
@@ -118,9 +116,32 @@ class Dispatcher:
         self._early_cancels: dict[str, CancelRequest] = {}
         self._held: set[int] = set()  # job messages held, not yet claimed or rejected
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._started_at = now()
+        limit = config.dispatcher.max_concurrent_ops
+        self.room = Room(
+            config,
+            self.store,
+            self.placement,
+            fleet,
+            running=lambda: len(self.runs),
+            max_concurrent=limit or max(8, int(sum(h.cpus for h in fleet.all_hosts()) * 8)),
+            stopping=self._stopping,
+        )
+        # a one-shot command runs its own op or two: warming containers would be waste
+        self.pool: WarmPool | None = None
+        if config.pool.shapes and not own_only:
+            data_dir = default_data_dir(config)
+            self.pool = WarmPool(
+                config,
+                fleet,
+                self.placement,
+                self.images.on,
+                self.dispatcher_id,
+                data_dir=data_dir,
+                starved=self.room.starved,
+            )
+            self.room.pool = self.pool
         self.lease = DispatcherLease(self.js, self.leases_kv, self._info, lease_s=config.dispatcher.lease_s)
         self.supervisor = Supervisor(
             config,
@@ -133,9 +154,16 @@ class Dispatcher:
             self.images.on,
             on_requeued=self._handle_direct if own_only else None,
             access=runner_access,
+            pool=self.pool,
+            metrics=self.metrics,
         )
-        limit = config.dispatcher.max_concurrent_ops
-        self.max_concurrent = limit or max(8, int(sum(h.cpus for h in fleet.all_hosts()) * 8))
+        self.metrics.watch(
+            LiveSources(
+                lambda: capacity_of(fleet.hosts(), self.placement.usage),
+                self._pool_sizes,
+                lambda: int(nc.stats["reconnects"]),
+            )
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -147,6 +175,8 @@ class Dispatcher:
         from dispatcher.reconcile import reconcile, sweep
 
         self.supervisor.deployment = await deployment_id(self.js)
+        if self.pool is not None:
+            self.pool.deployment = self.supervisor.deployment
         await self.lease.renew()
         background = [asyncio.create_task(self.lease.run(self._verify_ownership))]
         await self.uploads.start()
@@ -170,12 +200,14 @@ class Dispatcher:
                 except Exception:  # serve the queue even if reconciliation broke
                     log.exception("dispatcher %s: reconciliation failed; continuing", self.dispatcher_id)
                 background.append(asyncio.create_task(sweep(self)))
+                if self.pool is not None:
+                    background.append(asyncio.create_task(self.pool.run()))
                 psub = await self.js.pull_subscribe_bind(durable=DISPATCHER_CONSUMER, stream=JOBS_STREAM)
             log.info(
                 "dispatcher %s ready on %s (max %d ops%s)",
                 self.dispatcher_id,
                 ", ".join(h.name for h in self.fleet.hosts()) or "no hosts yet",
-                self.max_concurrent,
+                self.room.max_concurrent,
                 ", this command's own ops only" if self.own_only else "",
             )
             if psub is None:
@@ -204,10 +236,10 @@ class Dispatcher:
         cfg = self.config.dispatcher
         while not self._stopping.is_set():
             if (
-                len(self.runs) + len(self._held) >= self.max_concurrent
+                len(self.runs) + len(self._held) >= self.room.max_concurrent
                 or len(self._held) >= cfg.max_waiting_jobs
             ):
-                await self._wait_for_slot(idle_s)
+                await self.room.wait_for_slot(idle_s)
                 continue
             try:
                 msgs = await psub.fetch(1, timeout=idle_s)
@@ -230,7 +262,7 @@ class Dispatcher:
         self._stopping.set()
         for coordinator in self.sweeps.values():
             coordinator.detach()
-        self._free_slot()
+        self.room.free_slot()
 
     async def _publish(self, job: Job) -> Any:
         """Publish a job message (idempotent: its id is the message id); the stream's ack."""
@@ -291,14 +323,6 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _free_slot(self) -> None:
-        event, self._slot_freed = self._slot_freed, asyncio.Event()
-        event.set()
-
-    async def _wait_for_slot(self, timeout_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._slot_freed.wait(), timeout_s)
-
     def _info(self) -> DispatcherInfo:
         return DispatcherInfo(
             dispatcher_id=self.dispatcher_id,
@@ -336,6 +360,9 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatcher %s: host refresh failed", self.dispatcher_id)
                 await asyncio.sleep(interval_s)
+
+    def _pool_sizes(self) -> dict[tuple[str, str], int]:
+        return self.pool.sizes() if self.pool is not None else {}
 
     async def _is_live(self, op_id: str) -> bool:
         """Whether an op's container may be running now (so may upload artifacts)."""
@@ -384,7 +411,7 @@ class Dispatcher:
                     await asyncio.sleep(self.supervisor.backoff_s(count))
         finally:
             self._held.discard(lease.sequence)
-            self._free_slot()
+            self.room.free_slot()
 
     async def _accept(self, lease: JobLease) -> None:
         try:
@@ -434,11 +461,11 @@ class Dispatcher:
         if admitted.op.coordinated:
             await self._start_coordinated(lease, record)
             return
-        placed = await self._place(lease, job.job_id, resources)
+        placed = await self.room.place(lease, job.job_id, resources)
         if placed is None:
             return
-        reservation, engine, current = placed
-        owner = Owner(self.dispatcher_id, current.attempts + 1)
+        reservation, warm = placed.reservation, placed.warm
+        owner = Owner(self.dispatcher_id, placed.record.attempts + 1)
         self.claiming.add(job.job_id)
         try:
             claimed = await self.store.transition(
@@ -452,15 +479,17 @@ class Dispatcher:
             )
             if claimed is None:  # another dispatcher moved it first
                 await self.placement.release(reservation)
+                self.room.put_back(warm)
                 await lease.ack()
                 return
             run = OpRun(
                 op_id=job.job_id,
                 job=job,
                 reservation=reservation,
-                engine=engine,
+                engine=placed.engine,
                 owner=owner,
                 attempt=owner.attempt,
+                warm=warm,
             )
             self.runs[run.op_id] = run
         finally:
@@ -476,7 +505,7 @@ class Dispatcher:
         finally:
             if self.runs.get(run.op_id) is run:  # a next attempt may be running already
                 del self.runs[run.op_id]
-            self._free_slot()
+            self.room.free_slot()
 
     async def _start_coordinated(self, lease: JobLease, record: OpRecord) -> None:
         """Claim a coordinated op (queued → running, no container) and coordinate it."""
@@ -512,40 +541,6 @@ class Dispatcher:
         except ObjectNotFoundError:
             return False
         return True
-
-    async def _place(
-        self, lease: JobLease, op_id: str, resources: Resources
-    ) -> tuple[Reservation, DockerEngine, OpRecord] | None:
-        """Hold the job message until the op's retry time has come and it fits somewhere;
-        None when the message needs nothing more (claimed or cancelled meanwhile, or handed
-        back because this dispatcher is stopping)."""
-        renew_every_s = self.config.dispatcher.ack_wait_s / 3
-        renewed = time.monotonic()
-        while True:
-            if self._stopping.is_set():
-                with contextlib.suppress(Exception):  # a one-shot's message just stays queued
-                    await lease.nak()  # let another dispatcher have it now
-                return None
-            current = await self.store.find(op_id)
-            if current is None or current.state != "queued":
-                await lease.ack()
-                return None
-            wait_s = current.retry_at - now()
-            if wait_s <= 0 and len(self.runs) < self.max_concurrent:
-                reservation = await self.placement.reserve(
-                    op_id, resources, self.fleet.hosts(), self.fleet.gpu_usable, attempt=current.attempts + 1
-                )
-                if reservation is not None:
-                    try:
-                        return reservation, await self.fleet.engine(reservation.host), current
-                    except DiscoveryError as exc:
-                        self.fleet.mark_down(reservation.host.name, str(exc))
-                        await self.placement.release(reservation)
-            if time.monotonic() - renewed >= renew_every_s:
-                with contextlib.suppress(Exception):
-                    await lease.in_progress()
-                renewed = time.monotonic()
-            await self._wait_for_slot(min(1.0, wait_s) if wait_s > 0.05 else 1.0)
 
     # -- cancel ------------------------------------------------------------------------
 

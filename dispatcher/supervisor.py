@@ -40,14 +40,17 @@ from dispatcher.errors import EngineGone, EngineUnreachable, InfrastructureError
 from dispatcher.fleet import Fleet
 from dispatcher.intake import cancel_unstarted, intent_of
 from dispatcher.logstream import stream_logs
+from dispatcher.metrics import Metrics
 from dispatcher.opstore import OpStore, Owner, retrying
 from dispatcher.outcome import OpRun, classify
 from dispatcher.placement import Placement
+from dispatcher.pool import WarmPool
 from dispatcher.reachability import hint
 from dispatcher.runner_access import RunnerAccess
 from runner.protocol import (
     ACTIVE_STATES,
     EVENTS_STREAM,
+    EXIT_NOT_ASSIGNED,
     CancelRequest,
     ErrorInfo,
     Job,
@@ -57,6 +60,7 @@ from runner.protocol import (
     ProgressSnapshot,
     RunnerSpec,
     StatusEvent,
+    container_name,
     encode,
     event_decoder,
     job_subject,
@@ -112,8 +116,12 @@ class Supervisor:
         image_on: Callable[[DockerEngine, bool], Awaitable[str]],
         on_requeued: OnRequeued | None = None,
         access: RunnerAccess | None = None,
+        pool: WarmPool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.pool = pool
+        self.metrics = metrics
         self.access = access or RunnerAccess()
         self.nc = nc
         self.js = js
@@ -169,6 +177,10 @@ class Supervisor:
                     await run.engine.remove(run.container_id)
             with contextlib.suppress(Exception):
                 await self.placement.release(run.reservation)
+            if self.pool is not None:
+                if run.warm is not None:  # taken for it, but it never got that far
+                    self.pool.put_back(run.warm)
+                self.pool.wake()  # the room it held may take a warm container again
 
     async def _let_go(self, run: OpRun, lost: OwnershipLost) -> None:
         """Another dispatcher owns the op now: stop touching it. Our container stays when the
@@ -212,18 +224,24 @@ class Supervisor:
             data_dir=record.data_dir,
             device_requests=device_requests(list(run.reservation.gpu_ids), 0),
         )
-        run.container_id = await run.engine.create(
-            image=image,
-            name=f"ktrdr-{run.op_id}-a{run.attempt}",
-            op_id=run.op_id,
-            kind=run.job.kind,
-            dispatcher_id=self.dispatcher_id,
-            attempt=run.attempt,
-            deployment=self.deployment,
-            spec_json=encode(spec).decode(),
-            host_config=host_config,
-            stdin_secret=bool(creds),
-        )
+        warm, run.warm = run.warm, None  # taken for it when it was placed, if its shape has a pool
+        if warm is not None and self.pool is not None:
+            warm = await self.pool.claim(warm, container_name(run.op_id, run.attempt), run.op_id)
+        if warm is not None:
+            run.container_id = warm.container_id
+        else:
+            run.container_id = await run.engine.create(
+                image=image,
+                name=container_name(run.op_id, run.attempt),
+                op_id=run.op_id,
+                kind=run.job.kind,
+                dispatcher_id=self.dispatcher_id,
+                attempt=run.attempt,
+                deployment=self.deployment,
+                spec_json=encode(spec).decode(),
+                host_config=host_config,
+                stdin_secret=bool(creds),
+            )
         await self.store.transition(
             run.op_id,
             "starting",
@@ -233,7 +251,10 @@ class Supervisor:
             container_id=run.container_id,
         )
         run.started_ts = now()
-        await run.engine.start(run.container_id, stdin=creds)
+        if warm is not None:  # the spec and credentials exist in it from now on only
+            await warm.assign(encode(spec).decode(), creds)
+        else:
+            await run.engine.start(run.container_id, stdin=creds)
         run.running_ts = now()
         run.last_seen = time.monotonic()
         await self.store.transition(run.op_id, "running", allowed_from={"starting"}, owner=run.owner)
@@ -249,6 +270,8 @@ class Supervisor:
             return self.config.nats.runner_url
         if host_name not in self._runner_urls:
             connected = self.nc.connected_url.geturl() if self.nc.connected_url else self.config.nats.url
+            if "," in self.config.nats.url:  # a cluster: every node, so runners outlive one's loss
+                connected = self.config.nats.url
             url = await engine.call(engine.runner_nats_url, connected)
             if self.access.expose is not None:  # an embedded server answers there too
                 await self.access.expose(urlparse(url).hostname or "")
@@ -269,6 +292,10 @@ class Supervisor:
                 raise OwnershipLost(run.op_id, "", run.attempt)
             if run.abort_reason in ("host_down", "lost"):
                 raise Lost(run.abort_message)
+            if exit_code == EXIT_NOT_ASSIGNED and not run.seen_runner:
+                # a warm container whose input closed before the op reached it (its
+                # dispatcher died in between): the op never started
+                raise Lost("its warm container never received the op")
             ending = await run.engine.conclude(run.container_id, cfg.log_tail_lines)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(logs), 2.0)  # the last lines, as events
@@ -382,6 +409,8 @@ class Supervisor:
             return  # the dispatcher's own events, and requests: not signs of the runner's life
         if event.attempt != run.attempt:
             return  # a late word from an earlier attempt's runner (or an earlier op's)
+        if not run.seen_runner and run.running_ts and self.metrics is not None:
+            self.metrics.runner_ready(run.job.kind, now() - run.running_ts)
         run.seen_runner = True
         run.last_seen = time.monotonic()
         if isinstance(event, ProgressEvent):

@@ -33,7 +33,11 @@ def add_auth_parsers(sub: Any) -> None:
     )
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write it")
     p.add_argument(
-        "--cluster", type=int, metavar="N", help="N configs for a JetStream cluster (FILE-1.conf ...)"
+        "--cluster",
+        type=int,
+        metavar="N",
+        help="N configs for a JetStream cluster (FILE-1.conf ...): one node per machine, clients on "
+        "4222, routes on 6222, monitoring on 127.0.0.1:8222, sync_interval always",
     )
     p.add_argument("--host", action="append", metavar="NAME", help="cluster node host names (repeat N times)")
     p.add_argument(
@@ -62,11 +66,14 @@ def cmd_nats_config(args: argparse.Namespace, config: Config) -> int:
             raise UsageError("--cluster: a JetStream cluster needs at least 3 nodes")
         if args.host and len(args.host) != args.cluster:
             raise UsageError(f"--host: give {args.cluster} host names, got {len(args.host)}")
-        configs = authority.cluster_configs(args.cluster, hosts=args.host, store_dir=args.store_dir)
+        hosts = args.host or [f"ktrdr-nats-{i + 1}" for i in range(args.cluster)]
+        configs = authority.cluster_configs(args.cluster, hosts=hosts, store_dir=args.store_dir)
         stem = args.output.with_suffix("")
         for i, text in enumerate(configs, start=1):
             path = write_secret(stem.with_name(f"{stem.name}-{i}.conf"), text)
             print(path)
+        urls = ",".join(f"nats://{host}:4222" for host in hosts)
+        print(f'clients: [nats] url = "{urls}"  (streams get 3 replicas on the cluster)', file=sys.stderr)
         return 0
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():

@@ -138,7 +138,8 @@ def capacity_text(host: Host) -> str:
 
 async def _check_nats(config: Config, report: Report, timeout_s: float) -> None:
     url = config.nats.url
-    parsed = urlparse(url if "://" in url else f"nats://{url}")
+    first = url.split(",")[0].strip()  # a cluster's list: its first node
+    parsed = urlparse(first if "://" in first else f"nats://{first}")
     try:
         _reader, writer = await asyncio.wait_for(
             asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout_s
@@ -146,7 +147,7 @@ async def _check_nats(config: Config, report: Report, timeout_s: float) -> None:
         writer.close()
         state = "answering"
     except (OSError, TimeoutError) as exc:
-        if config.nats.embedded and is_local_url(url):
+        if config.nats.embedded and "," not in url and is_local_url(url):
             state = "not running (an embedded nats-server will be started when needed)"
         else:
             state = f"UNREACHABLE ({exc or type(exc).__name__})"

@@ -28,10 +28,11 @@ from nats.js import api
 
 from dispatcher.authority import Authority
 from dispatcher.config import Config
+from dispatcher.connection import connect, server_urls
 from dispatcher.embedded import EmbeddedNats, embedded_server_name, is_local_url
 from dispatcher.errors import ConfigError, NatsUnavailable, OpNotFound
 from dispatcher.forwarder import Forwarder
-from dispatcher.jetstream import JetStreamHandles, SetupMode, connect, ensure_jetstream
+from dispatcher.jetstream import JetStreamHandles, SetupMode, ensure_jetstream
 from dispatcher.natsjwt import CredentialError, decode_jwt, read_creds
 from dispatcher.opstore import OpStore
 from dispatcher.runner_access import RunnerAccess
@@ -157,7 +158,7 @@ class Session:
         if self.embedded is not None:
             return self.embedded.port
         cfg = self.config.nats
-        if not (cfg.embedded and is_local_url(cfg.url)):
+        if not self._may_embed():
             return None
         port = urlparse(cfg.url).port or 4222
         conf = self._embedded_store() / "nats-server.conf"
@@ -166,6 +167,12 @@ class Session:
         except OSError:
             return None
         return port if embedded_server_name(port) in text and f"127.0.0.1:{port}" in text else None
+
+    def _may_embed(self) -> bool:
+        """Whether ``[nats] url`` may be an embedded server: one local URL (a list names a
+        cluster's nodes, never started here)."""
+        cfg = self.config.nats
+        return cfg.embedded and len(server_urls(cfg.url)) == 1 and is_local_url(cfg.url)
 
     def _embedded_store(self) -> Path:
         cfg = self.config.nats
@@ -190,7 +197,7 @@ class Session:
                 **self._callbacks,
             )
         except NatsUnavailable:
-            if not (self.allow_embedded and cfg.embedded and is_local_url(cfg.url)):
+            if not (self.allow_embedded and self._may_embed()):
                 raise
             port = urlparse(cfg.url).port or 4222
             store = self._embedded_store()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import typing
 import uuid
 from typing import Annotated, Any, Final, Literal
 
@@ -68,9 +69,18 @@ LABEL_ATTEMPT: Final = "ktrdr.attempt"
 # Which ktrdr-run deployment (JetStream domain) a container belongs to: dispatchers reap
 # only their own deployment's containers on an engine several deployments share.
 LABEL_CLUSTER: Final = "ktrdr.cluster"
+# A warm pool container (value: its shape). It carries LABEL_OP_ID with an empty value
+# (so the dispatcher's exit watcher sees it); once assigned it is renamed to
+# container_name(op, attempt), which is how an op's pool container is found again.
+LABEL_POOL: Final = "ktrdr.pool"
 
 # The runner's exit code when it could not reach NATS within its ready deadline.
 EXIT_RUNNER_UNREACHABLE: Final = 69
+# A warm runner's exit code when its standard input closed before any op arrived (its
+# dispatcher went away): the op it may have been meant for never started.
+EXIT_NOT_ASSIGNED: Final = 75
+# What a warm runner prints (on standard error) once its imports are done.
+POOL_READY_LINE: Final = "ktrdr-runner: warm, waiting for an op"
 
 # Environment variable that carries the RunnerSpec into the container.
 SPEC_ENV: Final = "KTRDR_SPEC"
@@ -117,6 +127,24 @@ def redact_url(url: str) -> str:
 def op_subject(op_id: str, event: str) -> str:
     """The subject of one event kind of one op."""
     return f"{OPS_SUBJECT_ROOT}.{op_id}.{event}"
+
+
+def container_name(op_id: str, attempt: int) -> str:
+    """The name of the container that runs attempt ``attempt`` of op ``op_id``."""
+    return f"ktrdr-{op_id}-a{attempt}"
+
+
+_CONTAINER_NAME = re.compile(rf"^/?ktrdr-({_ID_BODY})-a([0-9]{{1,3}})$")
+
+
+def op_of_container(name: str, labels: dict[str, str]) -> tuple[str, str]:
+    """``(op id, attempt)`` a container runs, from its labels or, for a warm pool
+    container (whose labels were set before it had an op), from its name; ``("", "")``
+    for a pool container not assigned yet."""
+    if labels.get(LABEL_OP_ID):
+        return labels[LABEL_OP_ID], labels.get(LABEL_ATTEMPT, "")
+    match = _CONTAINER_NAME.match(name)
+    return (match.group(1), match.group(2)) if match and LABEL_POOL in labels else ("", "")
 
 
 def runner_inbox(op_id: str) -> str:
@@ -211,6 +239,7 @@ OpState = Literal[
 ]
 TERMINAL_STATES: Final[frozenset[str]] = frozenset({"completed", "failed", "cancelled", "timed_out"})
 ACTIVE_STATES: Final[frozenset[str]] = frozenset({"placing", "starting", "running"})
+ALL_STATES: Final[tuple[str, ...]] = typing.get_args(OpState)
 
 
 class ProgressSnapshot(Struct, frozen=True):

@@ -59,6 +59,9 @@ class Operation:
     #: Run by the dispatcher's coordinator, never in a container (a sweep): it holds no
     #: capacity of its own and submits child ops that do.
     coordinated: bool = False
+    #: Modules a warm pool container imports ahead of an op of this kind (the op's own
+    #: heavy imports, done before it arrives).
+    preload: tuple[str, ...] = ()
 
     def parse_params(self, params: dict[str, Any], *, strict: bool = True) -> msgspec.Struct:
         """Validate ``params`` into the kind's params struct.
@@ -90,12 +93,14 @@ def operation(
     preflight: Preflight | None = None,
     reads: ArtifactReads | None = None,
     coordinated: bool = False,
+    preload: tuple[str, ...] = (),
 ) -> Callable[[OpFunction], OpFunction]:
     """Declare ``fn`` as the operation ``kind`` with params struct ``params``.
 
     ``gpu`` is the kind's default GPU policy; ``check`` runs cross-field checks on the
     parsed params and raises InvalidParams; ``preflight`` checks the op's input data
     where the dispatcher can see it (raising DataError) before any container starts.
+    ``preload``: modules a warm pool container imports before an op of this kind arrives.
     """
     import re
 
@@ -120,6 +125,7 @@ def operation(
             preflight=preflight,
             reads=reads,
             coordinated=coordinated,
+            preload=preload,
         )
         return fn
 

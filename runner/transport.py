@@ -11,6 +11,7 @@ retried until ``result_deadline_s``, so a NATS outage does not lose it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import select
@@ -217,6 +218,15 @@ def read_secret(fd: int, *, timeout_s: float, max_bytes: int = 64 * 1024) -> str
         chunks.append(chunk)
 
 
+def warm_up(kinds: list[str]) -> None:
+    """Import what ops need before one arrives (a warm pool container's head start):
+    every registered op's module, and what the ops of ``kinds`` declare they import
+    (their ``preload``; every kind's when ``kinds`` is empty)."""
+    for kind in kinds or registry.kinds():
+        for module in registry.get(kind).preload:
+            importlib.import_module(module)
+
+
 def _auth_options(creds: str) -> dict[str, Any]:
     """nats-py options that present ``creds`` (a ``.creds`` text); none without."""
     if not creds:
@@ -243,12 +253,15 @@ async def connect(spec: RunnerSpec, creds: str = "", violations: Violations | No
             log.warning("nats: %s", exc)
         last_error.append(said)
 
+    # one server, or a cluster's nodes (comma-separated): any of them will do, and the
+    # client moves to another when its node is lost
+    servers = [url.strip() for url in spec.nats_url.split(",") if url.strip()]
     try:
         # reconnect forever once connected (outages are ridden out), but the first
         # connection has a deadline: a runner that never reaches NATS must say so and exit
         return await asyncio.wait_for(
             nats.connect(
-                spec.nats_url,
+                spec.nats_url if len(servers) <= 1 else servers,
                 name=f"ktrdr-runner-{spec.op_id}",
                 connect_timeout=2,
                 max_reconnect_attempts=-1,

@@ -22,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import msgspec
 import pytest
 
 from discovery.docker_engines import engine_host
-from dispatcher.config import Config, DispatcherConfig, NatsConfig
+from dispatcher.config import Config, DispatcherConfig, NatsConfig, config_toml
+from dispatcher.connection import connect
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import DockerEngine, connect_docker
 from dispatcher.errors import DockerUnavailable
 from dispatcher.fleet import Fleet
 from dispatcher.images import ensure_runner_image
-from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.jetstream import JetStreamHandles, ensure_jetstream
 from dispatcher.service import Dispatcher
 from runner.protocol import LABEL_DISPATCHER, LABEL_OP_ID
 
@@ -238,13 +238,7 @@ def ktrdr_csv(frame: Any, path: Path) -> None:
 
 def write_config(config: Config, path: Path) -> Path:
     """Write ``config`` as TOML for a CLI subprocess."""
-
-    def drop_none(value: object) -> object:
-        if isinstance(value, dict):
-            return {k: drop_none(v) for k, v in value.items() if v is not None}
-        return value
-
-    path.write_bytes(msgspec.toml.encode(drop_none(msgspec.to_builtins(config))))
+    path.write_bytes(config_toml(config))
     return path
 
 

@@ -16,10 +16,11 @@ import pytest
 
 from discovery.docker_engines import engine_host
 from dispatcher.config import Config, DispatcherConfig, NatsConfig
+from dispatcher.connection import connect
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import DockerEngine, connect_docker
 from dispatcher.fleet import Fleet
-from dispatcher.jetstream import connect, ensure_jetstream
+from dispatcher.jetstream import ensure_jetstream
 from dispatcher.service import Dispatcher
 from runner.protocol import DISPATCHER_CONSUMER, EVENTS_STREAM, JOBS_STREAM
 from tests.conftest import SESSION_TAG, RunningDispatcher, run_cli, write_config
@@ -34,7 +35,8 @@ async def test_setup_is_idempotent_from_many_processes_and_updates_stale_config(
     script = (
         "import asyncio,sys,msgspec\n"
         "from dispatcher.config import Config\n"
-        "from dispatcher.jetstream import connect, ensure_jetstream\n"
+        "from dispatcher.connection import connect\n"
+        "from dispatcher.jetstream import ensure_jetstream\n"
         "async def main():\n"
         "    cfg = msgspec.json.decode(sys.argv[1].encode(), type=Config)\n"
         "    nc = await connect(cfg.nats.url, name='setup')\n"

@@ -37,9 +37,10 @@ import pytest
 
 from discovery.config import DiscoveryConfig, EngineConfig
 from dispatcher.config import Config
+from dispatcher.connection import connect
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import RUNNER_NETWORK
-from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.jetstream import JetStreamHandles, ensure_jetstream
 from runner.protocol import TERMINAL_STATES
 from tests.conftest import run_cli, write_config
 from tests.faults import (

@@ -18,7 +18,8 @@ import msgspec
 import pytest
 
 from dispatcher.config import Config, RetentionConfig
-from dispatcher.jetstream import connect, ensure_jetstream
+from dispatcher.connection import connect
+from dispatcher.jetstream import ensure_jetstream
 from runner.protocol import (
     ARTIFACTS_BUCKET,
     DEAD_LETTER_STREAM,

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ import pytest
 
 from discovery.docker_engines import engine_host
 from dispatcher.config import Config
+from dispatcher.connection import connect
 from dispatcher.embedded import EmbeddedNats
 from dispatcher.engine import DockerEngine, connect_docker
 from dispatcher.fleet import Fleet
-from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.jetstream import JetStreamHandles, ensure_jetstream
 from dispatcher.service import Dispatcher
 from runner.protocol import LABEL_OP_ID, TERMINAL_STATES
 from tests.conftest import KTRDR_RUN, SESSION_TAG, RunningDispatcher, our_containers, write_config
@@ -75,7 +77,7 @@ async def get_record(url: str, op_id: str, *, creds: str = "") -> dict[str, Any]
 
 
 async def wait_for_state(
-    url: str, op_id: str, states: set[str], timeout_s: float = 60, *, creds: str = ""
+    url: str, op_id: str, states: AbstractSet[str], timeout_s: float = 60, *, creds: str = ""
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

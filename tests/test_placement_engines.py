@@ -21,10 +21,11 @@ from nats.aio.client import RawCredentials
 from discovery.config import DiscoveryConfig, EngineConfig, GpuSpec, StaticGpuHost
 from dispatcher.authority import Authority, write_secret
 from dispatcher.config import Config, NatsConfig
+from dispatcher.connection import connect
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import DockerEngine
 from dispatcher.fleet import Fleet, build_fleet
-from dispatcher.jetstream import JetStreamHandles, connect, ensure_jetstream
+from dispatcher.jetstream import JetStreamHandles, ensure_jetstream
 from dispatcher.runner_access import RunnerAccess
 from dispatcher.service import Dispatcher
 from runner.protocol import TERMINAL_STATES

@@ -28,9 +28,10 @@ from nats.aio.client import RawCredentials
 
 from dispatcher.authority import AUTH_DIR, AUTHORITY_FILE, Authority, write_secret
 from dispatcher.config import Config, NatsConfig
+from dispatcher.connection import connect
 from dispatcher.embedded import EmbeddedNats, free_port
 from dispatcher.engine import RUNNER_NETWORK, RUNNER_USER, ensure_runner_network, hardened_host_config
-from dispatcher.jetstream import connect, ensure_jetstream
+from dispatcher.jetstream import ensure_jetstream
 from ktrdr_run.session import Session
 from runner.isolation import candidate_addresses
 from runner.protocol import TERMINAL_STATES, Job, OpRecord, Resources

@@ -19,7 +19,8 @@ from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from dispatcher.config import Config
-from dispatcher.jetstream import JetStreamHandles, connect
+from dispatcher.connection import connect
+from dispatcher.jetstream import JetStreamHandles
 from dispatcher.uploads import UploadService
 from runner.protocol import ARTIFACTS_BUCKET, encode
 from runner.sdk import artifact_name

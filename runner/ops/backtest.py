@@ -328,8 +328,24 @@ def model_reads(params: BacktestParams, swept: Iterable[tuple[str, Any]]) -> dic
     return reads
 
 
+#: What a backtest imports before its first bar: a warm pool container does it ahead.
+PRELOAD = (
+    "pandas",
+    "pyarrow.parquet",
+    "runner.backtest.data",
+    "runner.backtest.engine",
+    "runner.backtest.metrics",
+)
+
+
 @operation(
-    KIND, params=BacktestParams, gpu="never", check=check_params, preflight=preflight, reads=artifact_reads
+    KIND,
+    params=BacktestParams,
+    gpu="never",
+    check=check_params,
+    preflight=preflight,
+    reads=artifact_reads,
+    preload=PRELOAD,
 )
 def backtest(ctx: OpContext, params: BacktestParams) -> dict[str, Any]:
     """Backtest one strategy on one symbol's bars with the vectorized engine."""

@@ -18,7 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from runner.errors import InvalidParams
-from runner.ops.backtest import BacktestParams, check_settings, model_reads, strategy_for
+from runner.ops.backtest import PRELOAD, BacktestParams, check_settings, model_reads, strategy_for
 from runner.registry import operation
 from runner.sweep.objective import DEFAULT_MAXIMIZE, ObjectiveError, parse_maximize
 
@@ -118,7 +118,13 @@ def artifact_reads(params: SweepChunkParams) -> dict[str, str]:
 
 
 @operation(
-    KIND, params=SweepChunkParams, gpu="never", check=check_params, preflight=preflight, reads=artifact_reads
+    KIND,
+    params=SweepChunkParams,
+    gpu="never",
+    check=check_params,
+    preflight=preflight,
+    reads=artifact_reads,
+    preload=PRELOAD,
 )
 def sweep_chunk(ctx: OpContext, params: SweepChunkParams) -> dict[str, Any]:
     """Backtest a chunk of a sweep's parameter combinations on bars loaded once."""
