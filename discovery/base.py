@@ -36,6 +36,9 @@ class Host:
     gpus: tuple[Gpu, ...] = ()
     gpu_runtime: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    #: What an operator says of the host (config labels, Proxmox tags, engine labels):
+    #: what ``resources.host_labels`` matches. ``labels`` above is how to reach it.
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class CapacityProvider(Protocol):

@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 from discovery.base import Host
 from discovery.gpu import gpu_device_ids
 from discovery.health import kv_key
+from dispatcher.constraints import host_excluded, no_host_allows, usable_gpus
 from dispatcher.opstore import TRANSIENT_ERRORS, retrying
 from runner.protocol import HostReservation, HostReservations, Resources, now
 
@@ -98,6 +99,8 @@ def rank_hosts(
     plain: list[tuple[float, Host, tuple[str, ...]]] = []
     gpu_last: list[tuple[float, Host, tuple[str, ...]]] = []
     for host in hosts:
+        if host_excluded(host, resources):
+            continue
         used = usage(host.name)
         limit = max_ops_of(host)
         if limit and used.ops >= limit:
@@ -105,8 +108,9 @@ def rank_hosts(
         if used.cpus + need_cpus > host.cpus + 1e-9 or used.memory_bytes + need_memory > host.memory_bytes:
             continue
         load = (used.cpus + need_cpus) / host.cpus if host.cpus else 1.0
-        has_gpus = bool(host.gpus) and gpu_usable(host)
-        free = [g for g in gpu_device_ids(host.gpus) if g not in used.gpu_ids] if has_gpus else []
+        gpus = usable_gpus(host, resources)
+        has_gpus = bool(gpus) and gpu_usable(host)
+        free = [g for g in gpu_device_ids(gpus) if g not in used.gpu_ids] if has_gpus else []
         wanted = gpus_needed(resources)
         if resources.gpu in ("required", "preferred") and has_gpus and len(free) >= wanted:
             gpu_first.append((load, host, tuple(free[:wanted])))
@@ -147,6 +151,10 @@ def why_never_placeable(hosts: list[Host], resources: Resources, gpu_usable: Gpu
     need_cpus, need_memory = need_of(resources)
     if not hosts:
         return "no hosts are available"
+    excluded = no_host_allows(hosts, resources)
+    if excluded:
+        return excluded
+    hosts = [h for h in hosts if not host_excluded(h, resources)]
     big_enough = [h for h in hosts if h.cpus >= need_cpus and h.memory_bytes >= need_memory]
     if not big_enough:
         big = max(hosts, key=lambda h: (h.cpus, h.memory_bytes))
@@ -156,11 +164,11 @@ def why_never_placeable(hosts: list[Host], resources: Resources, gpu_usable: Gpu
         )
     if resources.gpu == "required":
         wanted = gpus_needed(resources)
-        gpu_hosts = [h for h in big_enough if h.gpus and gpu_usable(h)]
+        gpu_hosts = [h for h in big_enough if usable_gpus(h, resources) and gpu_usable(h)]
         if not gpu_hosts:
             return "gpu: required, but no GPU capacity exists (no available host has a usable GPU)"
-        if not any(len(h.gpus) >= wanted for h in gpu_hosts):
-            most = max(len(h.gpus) for h in gpu_hosts)
+        if not any(len(usable_gpus(h, resources)) >= wanted for h in gpu_hosts):
+            most = max(len(usable_gpus(h, resources)) for h in gpu_hosts)
             return f"gpu: required with gpus={wanted}, but no host has more than {most} GPU(s)"
     return ""
 

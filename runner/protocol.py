@@ -184,6 +184,11 @@ def now() -> float:
 GpuPolicy = Literal["required", "preferred", "never"]
 
 
+HostName = Annotated[str, Meta(min_length=1, max_length=253)]
+LabelKey = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")]
+LabelValue = Annotated[str, Meta(max_length=253)]
+
+
 class Resources(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """What an op asks of its host. A field left out (None) takes the kind's default;
     in an op record every field is resolved."""
@@ -192,15 +197,30 @@ class Resources(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=T
     memory_gb: Annotated[float, Meta(gt=0, le=4096)] | None = None
     gpus: Annotated[int, Meta(ge=0, le=64)] | None = None
     gpu: GpuPolicy | None = None
+    #: Placement constraints: only GPUs with at least this much memory count (GB).
+    gpu_memory_gb: Annotated[float, Meta(gt=0, le=4096)] | None = None
+    #: Only these hosts (by name; empty: any).
+    hosts: Annotated[tuple[HostName, ...], Meta(max_length=256)] = ()
+    #: Only hosts whose labels have every one of these values.
+    host_labels: Annotated[dict[LabelKey, LabelValue], Meta(max_length=64)] = {}
+    #: Never these hosts.
+    avoid_hosts: Annotated[tuple[HostName, ...], Meta(max_length=256)] = ()
 
     def resolved(self, defaults: Resources) -> Resources:
-        """These resources with ``defaults`` filling what is left out."""
-        return Resources(
+        """These resources with ``defaults`` filling what is left out (constraints are the
+        job's own: a kind has none)."""
+        return msgspec.structs.replace(
+            self,
             cpus=self.cpus if self.cpus is not None else (defaults.cpus or 1.0),
             memory_gb=self.memory_gb if self.memory_gb is not None else (defaults.memory_gb or 1.0),
             gpus=self.gpus if self.gpus is not None else (defaults.gpus or 0),
             gpu=self.gpu or defaults.gpu or "never",
         )
+
+    @property
+    def constrained(self) -> bool:
+        """Whether it names any placement constraint."""
+        return bool(self.gpu_memory_gb or self.hosts or self.host_labels or self.avoid_hosts)
 
 
 class Job(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
