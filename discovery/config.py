@@ -132,6 +132,9 @@ class EngineAccess(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     #: At most this many ops at once on this engine (0 = no limit beyond capacity).
     max_ops: Annotated[int, Meta(ge=0)] = 0
     #: GPUs of this engine (the engine does not list them itself).
+    #: Operator labels of the host(s) this entry describes, matched by an op's
+    #: ``resources.host_labels`` (beside the engine's own ``dockerd --label`` ones).
+    labels: dict[str, str] = {}
     gpus: list[GpuSpec] = []
 
 

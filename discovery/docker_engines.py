@@ -46,6 +46,8 @@ def engine_host(client: docker.DockerClient, *, name: str = "", docker_url: str 
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
         raise DiscoveryError(f"docker engine {docker_url or 'local'} did not answer: {exc}") from None
     runtimes = info.get("Runtimes") or {}
+    # the engine's own labels (dockerd --label key=value) are the host's labels too
+    tags = dict(str(label).partition("=")[::2] for label in info.get("Labels") or [])
     return Host(
         name=name or str(info.get("Name") or "local"),
         source="docker",
@@ -53,6 +55,7 @@ def engine_host(client: docker.DockerClient, *, name: str = "", docker_url: str 
         cpus=float(info.get("NCPU") or 1),
         memory_bytes=int(info.get("MemTotal") or 0),
         gpu_runtime="nvidia" in runtimes,
+        tags=tags,
     )
 
 
@@ -318,6 +321,7 @@ class DockerEngineProvider:
             host,
             gpus=gpus_of(cfg.gpus),
             labels=host_labels(ep, nats_url=cfg.nats_url, max_ops=cfg.max_ops),
+            tags={**host.tags, **cfg.labels},
         )
 
     def _one(self, cfg: EngineConfig) -> Host:
@@ -337,6 +341,7 @@ class DockerEngineProvider:
                 memory_bytes=0,
                 gpus=gpus_of(cfg.gpus),
                 labels=labels,
+                tags=dict(cfg.labels),
             )
         self.errors.pop(cfg.name, None)
         return host

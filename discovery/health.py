@@ -242,6 +242,8 @@ class HostSnapshot(Struct, frozen=True, kw_only=True):
     failures: int = 0
     error: str = ""
     labels: dict[str, str] = {}
+    #: The operator's labels (what ``resources.host_labels`` matches).
+    tags: dict[str, str] = {}
 
 
 def snapshot_of(
@@ -274,6 +276,7 @@ def snapshot_of(
         failures=status.failures,
         error=status.gone_reason or status.error,
         labels={k: redact_url(v) for k, v in host.labels.items()},
+        tags=dict(host.tags),
     )
 
 

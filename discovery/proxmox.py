@@ -257,6 +257,8 @@ class ProxmoxProvider:
                     memory_bytes=int(entry.get("maxmem") or 0),
                     gpus=gpus_of(worker.gpus),
                     labels=labels,
+                    # each Proxmox tag of the container is a label with the value "true"
+                    tags={**{t: "true" for t in tags}, **worker.labels},
                 )
             )
         for warning in warnings:

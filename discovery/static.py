@@ -42,6 +42,7 @@ class StaticGpuProvider:
                     # that cannot is recognised at container start (gpu.is_no_gpu_runtime_error).
                     gpu_runtime=True,
                     labels=host_labels(endpoint, nats_url=cfg.nats_url, max_ops=cfg.max_ops),
+                    tags=dict(cfg.labels),
                 )
             )
         return hosts

@@ -306,24 +306,31 @@ async def cmd_config_check(args: argparse.Namespace, config: Config | None = Non
 def _gpus_cell(snap: HostSnapshot) -> str:
     if not snap.gpus:
         return "-"
-    models = sorted({g.model for g in snap.gpus if g.model})
+    models = sorted(
+        {f"{g.model} {g.memory_gb:g}GB" if g.memory_gb else g.model for g in snap.gpus if g.model}
+    )
     text = f"{snap.free_gpus}/{len(snap.gpus)}" + (f" {'/'.join(models)}" if models else "")
     return text if snap.gpu_runtime else f"{text} (no runtime)"
 
 
+def _labels_cell(snap: HostSnapshot) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(snap.tags.items())) or "-"
+
+
 def print_hosts(snapshots: list[HostSnapshot], out: Callable[[str], None] = print) -> None:
-    """The host table: name, source, state, cpus and memory free/total, GPUs, running ops."""
+    """The host table: name, source, state, cpus and memory free/total, GPUs, running ops,
+    and the host's labels (what ``resources.host_labels`` matches)."""
     width = max([len("HOST")] + [len(s.name) for s in snapshots])
     out(
         f"{'HOST':<{width}}  {'SOURCE':<16} {'STATE':<10} {'CPUS free/total':>15}  "
-        f"{'MEM GiB free/total':>18}  {'GPUS free/total':<20} {'OPS':>4}"
+        f"{'MEM GiB free/total':>18}  {'GPUS free/total':<20} {'OPS':>4}  LABELS"
     )
     for s in snapshots:
         cpus = f"{s.free_cpus:g}/{s.cpus:g}"
         mem = f"{s.free_memory_bytes / GIB:.1f}/{s.memory_bytes / GIB:.1f}"
         out(
             f"{s.name:<{width}}  {s.source[:16]:<16} {s.state:<10} {cpus:>15}  {mem:>18}  "
-            f"{_gpus_cell(s):<20} {s.running_ops:>4}"
+            f"{_gpus_cell(s):<20} {s.running_ops:>4}  {_labels_cell(s)}"
         )
     for s in snapshots:
         if s.error and s.state != "available":
@@ -341,6 +348,7 @@ def hosts_table(snapshots: list[HostSnapshot]) -> Table:
         "MEM GiB free/total",
         "GPUS free/total",
         "OPS",
+        "LABELS",
     ):
         table.add_column(
             name, justify="right" if name in ("CPUS free/total", "MEM GiB free/total", "OPS") else "left"
@@ -354,6 +362,7 @@ def hosts_table(snapshots: list[HostSnapshot]) -> Table:
             f"{s.free_memory_bytes / GIB:.1f}/{s.memory_bytes / GIB:.1f}",
             _gpus_cell(s),
             str(s.running_ops),
+            _labels_cell(s),
         )
     return table
 
