@@ -25,6 +25,7 @@ from ktrdr_run.cli_backtest import add_backtest_parser
 from ktrdr_run.cli_certs import add_certs_parsers
 from ktrdr_run.cli_hosts import add_hosts_parsers
 from ktrdr_run.cli_hosts_add import add_hosts_add_parser
+from ktrdr_run.cli_manifest import add_manifest_parser, submit_manifest
 from ktrdr_run.cli_ops import add_ops_parsers
 from ktrdr_run.cli_submit import (
     EXIT_CANCELLED,
@@ -42,6 +43,7 @@ from ktrdr_run.cli_submit import (
 from ktrdr_run.cli_sweep import add_sweep_parser, join_dash_value
 from ktrdr_run.cli_train import add_train_parser
 from ktrdr_run.errors import ArtifactCorrupt, ArtifactNotFound, InvalidJob, WaitTimeout
+from ktrdr_run.manifest import ManifestError
 from ktrdr_run.session import Session
 from runner import registry
 from runner.protocol import (
@@ -50,6 +52,12 @@ from runner.protocol import (
 
 
 async def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    if args.manifest:
+        if args.kind or args.param or args.job_id:
+            raise UsageError("--manifest: the jobs come from the file; give no KIND, --param or --job-id")
+        return await submit_manifest(args, config)
+    if not args.kind:
+        raise UsageError("give the op's KIND, or --manifest FILE")
     job = build_job(args.kind, parse_pairs(args.param or [], "--param"), args)
     return await submit_and_report(job, args, config)
 
@@ -205,12 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="submit an op and follow it to the end")
-    p.add_argument("kind", help=f"operation kind ({', '.join(registry.kinds())})")
+    p.add_argument("kind", nargs="?", help=f"operation kind ({', '.join(registry.kinds())})")
     p.add_argument("--param", "-p", action="append", metavar="K=V", help="op parameter (repeatable)")
+    p.add_argument("--manifest", metavar="FILE", help="submit every job of a manifest ([[jobs]] in TOML)")
     add_job_options(p)
     p.set_defaults(handler=cmd_submit)
 
     add_ops_parsers(sub)
+    add_manifest_parser(sub)
     add_backtest_parser(sub)
     add_sweep_parser(sub)
     add_train_parser(sub)
@@ -265,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The exit code of each error, first match wins.
 ERROR_EXIT: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
-    ((UsageError, ConfigError, OpNotFound, ArtifactNotFound, InvalidJob), EXIT_USAGE),
+    ((UsageError, ConfigError, OpNotFound, ArtifactNotFound, InvalidJob, ManifestError), EXIT_USAGE),
     (ArtifactCorrupt, EXIT_FAILED),
     (WaitTimeout, EXIT_TIMED_OUT),
     (KtrdrError, EXIT_INFRA),
