@@ -197,6 +197,7 @@ async def test_hosts_prints_the_published_snapshot(
         gpus=(Gpu(0, "A10", 24),),
         gpu_runtime=True,
         labels=EngineEndpoint("tcp://10.10.0.101:2376").labels(),
+        tags={"site": "lab", "gpu": "true"},
     )
     status = HostStatus(host=host, state="available", checked_at=1.0)
     await publish_snapshot(js_handles.hosts, [snapshot_of(status, used_cpus=1, used_gpus=1, running_ops=1)])
@@ -205,7 +206,8 @@ async def test_hosts_prints_the_published_snapshot(
     assert out.err == ""
     row = out.out.splitlines()[1].split()
     assert row[:4] == ["pve:pve1/101:worker-a", "proxmox:lab", "available", "3/4"]
-    assert row[4] == "8.0/8.0" and row[5] == "0/1" and row[6] == "A10" and row[-1] == "1"
+    assert row[4] == "8.0/8.0" and row[5] == "0/1" and row[6:8] == ["A10", "24GB"] and row[8] == "1"
+    assert row[-1] == "gpu=true,site=lab"  # its labels, what resources.host_labels matches
 
     assert await cmd_hosts(argparse.Namespace(json=True, discover=False), config) == 0
     result = json.loads(capsys.readouterr().out)
