@@ -138,9 +138,9 @@ class WarmPool:
                     slot.target,
                 )
             return None
-        member = slot.ready.pop()  # the newest: older ones age out when demand drops
-        self._names.discard(member.name)
-        return member
+        # the newest: older ones age out when demand drops. It stays ours (the reaper
+        # leaves it) until it is renamed for its op or removed
+        return slot.ready.pop()
 
     async def claim(self, member: WarmContainer, name: str, op_id: str) -> WarmContainer | None:
         """Rename a taken container after the op it will run; None (and it goes) when the
@@ -151,6 +151,7 @@ class WarmPool:
             log.info("op %s: warm container unusable (%s); starting a fresh one", op_id, exc)
             await self._discard(member)
             return None
+        self._names.discard(member.name)  # the op's now: found by its new name
         return member
 
     def put_back(self, member: WarmContainer) -> None:
