@@ -66,7 +66,10 @@ def test_a_matrix_expands_to_the_ids_of_the_same_jobs_written_out(tmp_path: Path
             '[[jobs]]\nname = "a"\nkind = "probe"\n[[jobs]]\nname = "a"\nkind = "probe"\n',
             "jobs[1] (a): name 'a' is used by jobs[0] too",
         ),
-        ('[[jobs]]\nname = "x"\nkind = "nosuch"\n', "jobs[0] (x): kind: unknown kind 'nosuch'; known kinds: backtest, probe"),
+        (
+            '[[jobs]]\nname = "x"\nkind = "nosuch"\n',
+            "jobs[0] (x): kind: unknown kind 'nosuch'; known kinds: backtest, probe",
+        ),
         (
             '[[jobs]]\nkind = "probe"\nmatrix = { hold_s = [1, "long"] }\n',
             "jobs[0] [hold_s=long]: invalid params for 'probe': params.hold_s: Expected `float`, got `str`",
