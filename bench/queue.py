@@ -22,7 +22,7 @@ dispatchers' consumer, and no container of the dispatcher left once it stopped.
 Everything the bench started (servers, dispatchers, containers, its temp directory) is
 stopped and removed at the end, also after a failure, Ctrl-C or SIGTERM.
 
-    python bench/queue.py [--jobs 10000] [--max-waiting 64] [--warmup-s 5]
+    python bench/queue.py [--jobs 10000] [--max-waiting 64] [--warmup-s 5] [--cpus 0.25]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from runner.protocol import (
     OPS_BUCKET,
     TERMINAL_STATES,
     Job,
+    Resources,
     encode,
     job_subject,
 )
@@ -160,9 +161,11 @@ class Drain:
             await asyncio.sleep(1.0)
 
 
-async def publish_jobs(js: Any, job_ids: list[str]) -> float:
+async def publish_jobs(js: Any, job_ids: list[str], cpus: float | None) -> float:
     """Publish one probe job per id (``Nats-Msg-Id`` = job id, as every client does),
-    ``PUBLISH_BATCH`` acks awaited at a time; returns seconds taken."""
+    asking ``cpus`` (None: the kind's default), ``PUBLISH_BATCH`` acks awaited at a time;
+    returns seconds taken."""
+    resources = Resources(cpus=cpus)
     started = time.monotonic()
     for first in range(0, len(job_ids), PUBLISH_BATCH):
         batch = job_ids[first : first + PUBLISH_BATCH]
@@ -170,7 +173,7 @@ async def publish_jobs(js: Any, job_ids: list[str]) -> float:
             *(
                 js.publish(
                     job_subject("probe"),
-                    encode(Job(job_id=op_id, kind="probe", submitted_by="bench-queue")),
+                    encode(Job(job_id=op_id, kind="probe", submitted_by="bench-queue", resources=resources)),
                     headers={"Nats-Msg-Id": op_id},
                     timeout=30,
                 )
@@ -354,7 +357,7 @@ def table(
     return "\n".join(lines)
 
 
-async def main(n: int, max_waiting: int, warmup_s: float) -> None:
+async def main(n: int, max_waiting: int, warmup_s: float, cpus: float | None) -> None:
     from dispatcher.engine import connect_docker
     from dispatcher.images import ensure_runner_image
     from dispatcher.jetstream import ensure_jetstream
@@ -382,7 +385,7 @@ async def main(n: int, max_waiting: int, warmup_s: float) -> None:
         js = nc.jetstream()
         tag = uuid.uuid4().hex[:8]
         job_ids = [f"q{tag}-{i:06d}" for i in range(n)]
-        publish_s = await publish_jobs(js, job_ids)
+        publish_s = await publish_jobs(js, job_ids, cpus)
         queued = (await js.stream_info(JOBS_STREAM)).state.messages
         if queued != n:
             raise SystemExit(f"{queued} job messages in the stream after publishing {n}")
@@ -455,9 +458,14 @@ if __name__ == "__main__":
         "--max-waiting", type=int, default=64, help="[dispatcher] max_waiting_jobs (default 64)"
     )
     parser.add_argument("--warmup-s", type=float, default=5.0, help="when start-up RSS is read (default 5 s)")
+    parser.add_argument(
+        "--cpus", type=float, default=None, help="CPUs each probe asks (default: the kind's, 0.5)"
+    )
     args = parser.parse_args()
+    if args.cpus is not None and args.cpus <= 0:
+        parser.error("--cpus must be above 0")
     if args.jobs < 10:
         parser.error("--jobs must be at least 10 (the 10% mark must be an op)")
     from harness import run
 
-    run(main(args.jobs, args.max_waiting, args.warmup_s))
+    run(main(args.jobs, args.max_waiting, args.warmup_s, args.cpus))
