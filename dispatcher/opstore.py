@@ -226,6 +226,20 @@ class OpStore:
             await self._publish_status(updated, message)
         return updated
 
+    async def reopen(self, op_id: str, mutate: Mutation, *, message: str) -> OpRecord | None:
+        """Apply ``mutate`` to an ended op and publish its new status (an operator's
+        requeue: the one way out of a terminal state). ``mutate`` sees the current record
+        and returns None to leave it (it is not terminal any more, or may not be reopened)."""
+
+        def reopening(record: OpRecord) -> OpRecord | None:
+            return mutate(record) if record.terminal else None
+
+        updated = await self.update(op_id, reopening)
+        if updated is not None:
+            log.info("op %s -> %s (reopened)", op_id, updated.state)
+            await self._publish_status(updated, message)
+        return updated
+
     async def _publish_status(self, record: OpRecord, message: str = "") -> None:
         event = StatusEvent(
             op_id=record.op_id,

@@ -45,6 +45,8 @@ class OpRun:
     engine: DockerEngine
     owner: Owner
     attempt: int = 1
+    #: Attempts spent before an operator requeued the op: retries count from here.
+    attempt_base: int = 0
     container_id: str = ""
     started_ts: float = 0.0
     running_ts: float = 0.0

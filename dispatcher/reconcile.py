@@ -32,6 +32,7 @@ import msgspec
 from discovery.base import DiscoveryError, Host
 from dispatcher.engine import DockerEngine
 from dispatcher.errors import KtrdrError, OwnershipLost
+from dispatcher.fleet import publish_hosts
 from dispatcher.intake import stored_cancel
 from dispatcher.liveness import live_dispatchers
 from dispatcher.opstore import Owner
@@ -179,6 +180,7 @@ async def adopt(d: Dispatcher, record: OpRecord, owner: Owner, host: Host, engin
         engine=engine,
         owner=owner,
         attempt=record.attempts,
+        attempt_base=record.attempts_before_requeue,
         container_id=record.container_id,
         started_ts=record.timestamps.get("starting", 0.0),
         running_ts=record.timestamps.get("running", 0.0),
@@ -245,11 +247,34 @@ async def requeue_lost(d: Dispatcher, record: OpRecord, owner: Owner, why: str) 
     dead dispatcher reserved for it is freed."""
     if record.host:
         await d.placement.drop(record.host, {record.op_id})
-    if record.attempts >= d.config.dispatcher.max_attempts:
+    if record.attempts - record.attempts_before_requeue >= d.config.dispatcher.max_attempts:
         await d.supervisor.fail(record.op_id, owner, "lost", f"lost: {why} (attempt {record.attempts})")
         return
     log.warning("op %s lost (%s); requeueing", record.op_id, why)
     await d.supervisor.requeue(record.op_id, why, owner=owner, delay_s=0.0, lost=True)
+
+
+async def watch_hosts(d: Dispatcher) -> None:
+    """Health-check hosts on an interval; a host that stopped answering loses its ops;
+    a host that answers again has its leftover containers reaped."""
+    interval_s = d.config.discovery.health_interval_s
+    while True:
+        try:
+            await publish_hosts(d.fleet, d.placement, d.hosts_kv)
+            await asyncio.sleep(interval_s)
+            back = await d.fleet.refresh()
+            for run in list(d.runs.values()):
+                host = run.reservation.host.name
+                if not d.fleet.usable(host):
+                    run.abort("host_down", f"host {host} stopped answering health checks")
+            for name in back:
+                if not d.own_only:
+                    d.spawn(reap_host(d, name))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dispatcher %s: host refresh failed", d.dispatcher_id)
+            await asyncio.sleep(interval_s)
 
 
 async def reap_host(d: Dispatcher, host_name: str, live: set[str] | None = None) -> None:

@@ -1,9 +1,10 @@
 """Who may do what on NATS: the least-privilege permission set of each role.
 
 - ``dispatcher``: everything the service does (its account's whole subject space).
-- ``submitter``: publish jobs and cancel requests, ask whether a dispatcher answers, and
-  read what an observer reads; no KV writes, no stream or consumer management beyond the
-  ephemeral consumers that reading needs.
+- ``submitter``: publish jobs, cancel requests and requeue requests (under its own
+  name), ask whether a dispatcher answers, and read what an observer reads; no KV
+  writes, no stream or consumer management beyond the ephemeral consumers that reading
+  needs.
 - ``observer``: read op records, hosts, dispatchers, events and artifacts; publish
   nothing but its reads.
 - ``runner``: one op's container: publish that op's own events (never ``status`` or
@@ -37,6 +38,7 @@ from runner.protocol import (
     OPS_SUBJECT_ROOT,
     RESERVATIONS_BUCKET,
     SUBMITTER_PATTERN,
+    requeue_subject,
     runner_inbox,
 )
 from runner.upload import open_subject
@@ -110,7 +112,9 @@ def permissions(role: Role, op_id: str = "", name: str = "") -> Permissions:
         if not re.fullmatch(SUBMITTER_PATTERN, name):
             raise ValueError(f"a submitter's name is one subject token ({SUBMITTER_PATTERN}), not {name!r}")
         # jobs only under its own name: the dispatcher takes submitted_by from the subject
-        return _reader((f"{JOBS_SUBJECT_ROOT}.*.{name}", f"{OPS_SUBJECT_ROOT}.*.cancel"))
+        return _reader(
+            (f"{JOBS_SUBJECT_ROOT}.*.{name}", f"{OPS_SUBJECT_ROOT}.*.cancel", requeue_subject(name))
+        )
     if role == "runner":
         if not op_id:
             raise ValueError("a runner's permissions name its op")

@@ -40,7 +40,7 @@ from dispatcher import reachability
 from dispatcher.admission import Rejected, default_data_dir, resolve_resources, validate_job
 from dispatcher.config import Config
 from dispatcher.errors import OwnershipLost
-from dispatcher.fleet import Fleet, publish_hosts
+from dispatcher.fleet import Fleet
 from dispatcher.intake import cancel_before_start, cancel_unstarted, intent_of, queued_record
 from dispatcher.jetstream import JetStreamHandles
 from dispatcher.joblease import DirectLease, JobLease, QueueLease
@@ -51,6 +51,7 @@ from dispatcher.outcome import OpRun
 from dispatcher.placement import Placement, capacity_of, why_never_placeable
 from dispatcher.pool import WarmPool
 from dispatcher.rejections import dead_letter, reject
+from dispatcher.requeue import Requeuer
 from dispatcher.room import Room
 from dispatcher.runner_access import RunnerAccess
 from dispatcher.runner_images import ImageProvider, RunnerImages
@@ -157,6 +158,18 @@ class Dispatcher:
             pool=self.pool,
             metrics=self.metrics,
         )
+        # a one-shot command serves nobody else: operators' requeues go to the services
+        self.requeuer = (
+            None
+            if own_only
+            else Requeuer(
+                nc,
+                self.js,
+                self.store,
+                dispatcher_id=self.dispatcher_id,
+                publish_job=self.supervisor.publish_requeued,
+            )
+        )
         self.metrics.watch(
             LiveSources(
                 lambda: capacity_of(fleet.hosts(), self.placement.usage),
@@ -172,7 +185,7 @@ class Dispatcher:
         every op this dispatcher started has finished (deterministic tests). A one-shot
         (``own_only``) dispatcher takes nothing from the queue: it runs what
         :meth:`submit_own` gives it."""
-        from dispatcher.reconcile import reconcile, sweep
+        from dispatcher.reconcile import reconcile, sweep, watch_hosts
 
         self.supervisor.deployment = await deployment_id(self.js)
         if self.pool is not None:
@@ -180,13 +193,15 @@ class Dispatcher:
         await self.lease.renew()
         background = [asyncio.create_task(self.lease.run(self._verify_ownership))]
         await self.uploads.start()
+        if self.requeuer is not None:
+            await self.requeuer.start()
         stop_metrics = self.metrics.serve(self.config.metrics.listen) if self.config.metrics.listen else None
         subs = [
             await self.nc.subscribe(DISPATCHER_PING_SUBJECT, cb=self._on_ping),
             await self.nc.subscribe(f"{OPS_SUBJECT_ROOT}.*.cancel", cb=self._on_cancel),
         ]
         await self.fleet.refresh()
-        background.append(asyncio.create_task(self._watch_hosts()))
+        background.append(asyncio.create_task(watch_hosts(self)))
         if self.check_reachability:
             image_on = None if self.own_only else self.images.on  # one-shot: the quick check
             deployment, me = self.supervisor.deployment, self.dispatcher_id
@@ -218,6 +233,8 @@ class Dispatcher:
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+            if self.requeuer is not None:
+                await self.requeuer.stop()
             if psub is not None:
                 with contextlib.suppress(Exception):
                     await psub.unsubscribe()
@@ -336,30 +353,6 @@ class Dispatcher:
             await msg.respond(encode(self._info()))
 
     # -- hosts, leases, reachability ----------------------------------------------------
-
-    async def _watch_hosts(self) -> None:
-        """Health-check hosts on an interval; a host that stopped answering loses its ops;
-        a host that answers again has its leftover containers reaped."""
-        from dispatcher.reconcile import reap_host
-
-        interval_s = self.config.discovery.health_interval_s
-        while True:
-            try:
-                await publish_hosts(self.fleet, self.placement, self.hosts_kv)
-                await asyncio.sleep(interval_s)
-                back = await self.fleet.refresh()
-                for run in list(self.runs.values()):
-                    host = run.reservation.host.name
-                    if not self.fleet.usable(host):
-                        run.abort("host_down", f"host {host} stopped answering health checks")
-                for name in back:
-                    if not self.own_only:
-                        self.spawn(reap_host(self, name))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("dispatcher %s: host refresh failed", self.dispatcher_id)
-                await asyncio.sleep(interval_s)
 
     def _pool_sizes(self) -> dict[tuple[str, str], int]:
         return self.pool.sizes() if self.pool is not None else {}
@@ -489,6 +482,7 @@ class Dispatcher:
                 engine=placed.engine,
                 owner=owner,
                 attempt=owner.attempt,
+                attempt_base=claimed.attempts_before_requeue,
                 warm=warm,
             )
             self.runs[run.op_id] = run

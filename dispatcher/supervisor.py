@@ -495,7 +495,7 @@ class Supervisor:
     async def _requeue_lost(self, run: OpRun, reason: str) -> None:
         """The attempt was lost (host gone, runner silent): back in the queue while
         attempts remain."""
-        if run.attempt >= self.config.dispatcher.max_attempts:
+        if self.last_attempt(run):
             await self.fail(
                 run.op_id, run.owner, "lost", f"{reason} (attempt {run.attempt} of {run.attempt})"
             )
@@ -513,7 +513,7 @@ class Supervisor:
     async def _retry_or_fail(self, run: OpRun, reason: str) -> None:
         """An infrastructure failure: back to the queue with backoff, or failed at the
         last attempt with the last reason."""
-        if run.attempt >= self.config.dispatcher.max_attempts:
+        if self.last_attempt(run):
             await self.fail(
                 run.op_id, run.owner, "infrastructure", f"{reason} (attempt {run.attempt} of {run.attempt})"
             )
@@ -527,6 +527,11 @@ class Supervisor:
                 await run.engine.remove(run.container_id)
             run.removed = True
         await self.requeue(run.op_id, reason, owner=run.owner, delay_s=delay_s)
+
+    def last_attempt(self, run: OpRun) -> bool:
+        """Whether ``run`` is the last attempt ``max_attempts`` allows (counted since an
+        operator last requeued the op)."""
+        return run.attempt - run.attempt_base >= self.config.dispatcher.max_attempts
 
     def backoff_s(self, attempt: int) -> float:
         """Delay before retry number ``attempt`` (doubling, capped)."""

@@ -42,7 +42,7 @@ from ktrdr_run.cli_submit import (
 )
 from ktrdr_run.cli_sweep import add_sweep_parser, join_dash_value
 from ktrdr_run.cli_train import add_train_parser
-from ktrdr_run.errors import ArtifactCorrupt, ArtifactNotFound, InvalidJob, WaitTimeout
+from ktrdr_run.errors import ArtifactCorrupt, ArtifactNotFound, InvalidJob, RequeueRefused, WaitTimeout
 from ktrdr_run.manifest import ManifestError
 from ktrdr_run.session import Session
 from runner import registry
@@ -275,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The exit code of each error, first match wins.
 ERROR_EXIT: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
-    ((UsageError, ConfigError, OpNotFound, ArtifactNotFound, InvalidJob, ManifestError), EXIT_USAGE),
+    (
+        (UsageError, ConfigError, OpNotFound, ArtifactNotFound, InvalidJob, ManifestError, RequeueRefused),
+        EXIT_USAGE,
+    ),
     (ArtifactCorrupt, EXIT_FAILED),
     (WaitTimeout, EXIT_TIMED_OUT),
     (KtrdrError, EXIT_INFRA),

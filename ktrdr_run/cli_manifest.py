@@ -12,9 +12,10 @@ from typing import Any
 from dispatcher.config import Config
 from dispatcher.errors import OpNotFound
 from ktrdr_run.client import Client
+from ktrdr_run.errors import RequeueRefused
 from ktrdr_run.manifest import Planned, load_manifest
 from ktrdr_run.session import Session
-from runner.protocol import TERMINAL_STATES, OpRecord
+from runner.protocol import REQUEUABLE_STATES, TERMINAL_STATES, OpRecord
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -129,6 +130,41 @@ async def manifest_status(args: argparse.Namespace, config: Config) -> int:
             await _follow(client, planned, records, quiet=args.json)
             records = await _records(client, planned)
     return _report(args, planned, records)
+
+
+async def retry_failed(args: argparse.Namespace, config: Config) -> int:
+    """``ops retry-failed --manifest FILE``: requeue every op of the manifest that failed,
+    was cancelled or timed out (each its next attempt); completed, live and unsubmitted
+    entries are left as they are. Exit 1 if a requeue was refused, or (with ``--wait``)
+    if any op did not complete."""
+    planned = load_manifest(Path(args.manifest))
+    refused: list[str] = []
+    async with Client.over(Session(config, need_dispatcher=False, setup="bind")) as client:
+        records = await _records(client, planned)
+        ended = [item for item in planned if records.get(item.job.job_id, _UNSEEN).state in REQUEUABLE_STATES]
+        for item in ended:
+            try:
+                await client.requeue(item.job.job_id, args.reason or "")
+            except RequeueRefused as exc:
+                refused.append(f"{item.label}: {exc}")
+        if not args.json:
+            print(
+                f"manifest {args.manifest}: {len(ended) - len(refused)} op(s) requeued, "
+                f"{len(refused)} refused, "
+                f"{len(planned) - len(ended)} left as they are (completed, not ended, or not submitted)",
+                file=sys.stderr,
+            )
+            for line in refused:
+                print(f"  refused: {line}", file=sys.stderr)
+        records = await _records(client, planned)
+        if args.wait:
+            await _follow(client, planned, records, quiet=args.json)
+            records = await _records(client, planned)
+    code = _report(args, planned, records)
+    return EXIT_FAILED if refused else code
+
+
+_UNSEEN = OpRecord(op_id="", kind="", state="queued")
 
 
 def add_manifest_parser(sub: Any) -> None:

@@ -1,7 +1,8 @@
 """``ktrdr-run ops ...`` and ``ktrdr-run artifacts ...``: read ops and their results.
 
-Every command here only reads, except ``ops cancel`` which publishes a cancel request:
-they bind to what the dispatcher set up and create or change nothing.
+Every command here only reads, except ``ops cancel`` (it publishes a cancel request) and
+``ops requeue`` / ``ops retry-failed`` (they ask a dispatcher to run ended ops again):
+they bind to what the dispatcher set up and create or change nothing themselves.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 import msgspec
 
 from dispatcher.config import Config
+from ktrdr_run.cli_manifest import retry_failed
+from ktrdr_run.cli_submit import STATE_EXIT
 from ktrdr_run.client import Client, write_whole
-from ktrdr_run.render import print_ops, print_record
+from ktrdr_run.render import print_ops, print_record, record_json, run_lines
 from ktrdr_run.session import Session
-from runner.protocol import LogEvent, OpRecord
+from runner.protocol import LogEvent
 
 EXIT_OK = 0
 
@@ -29,11 +32,6 @@ EXIT_OK = 0
 def reader(config: Config) -> Client:
     """A client for commands that only read (binds; never creates or changes streams)."""
     return Client.over(Session(config, need_dispatcher=False, setup="bind"))
-
-
-def record_json(record: OpRecord) -> str:
-    """The op record as one JSON object."""
-    return msgspec.json.encode(record).decode()
 
 
 async def cmd_ops_list(args: argparse.Namespace, config: Config) -> int:
@@ -109,6 +107,24 @@ async def cmd_ops_cancel(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+async def cmd_ops_requeue(args: argparse.Namespace, config: Config) -> int:
+    """Run an ended op again as its next attempt; with ``--wait``, exit as that run ended."""
+    async with reader(config) as client:
+        op = await client.requeue(args.op_id, args.reason or "")
+        record = await op.record()
+        if not args.json:
+            print(f"op {args.op_id} requeued")
+            for line in run_lines(record):
+                print(f"  {line}")
+        if not args.wait:
+            if args.json:
+                print(record_json(record))
+            return EXIT_OK
+        record = await op.wait(args.wait_timeout_s)
+    print(record_json(record) if args.json else f"{args.op_id}: {record.state}")
+    return STATE_EXIT.get(record.state, EXIT_OK)
+
+
 async def cmd_ops_artifacts(args: argparse.Namespace, config: Config) -> int:
     """Write each artifact of an op under its name and extension, each verified."""
     async with reader(config) as client:
@@ -172,6 +188,25 @@ def add_ops_parsers(sub: Any) -> None:
         "--wait-timeout-s", dest="wait_timeout_s", type=float, default=300.0, help="with --wait (default 300)"
     )
     p.set_defaults(handler=cmd_ops_cancel)
+    p = ops.add_parser("requeue", help="run a failed, cancelled or timed-out op again (its next attempt)")
+    p.add_argument("op_id")
+    p.add_argument("--reason", default="", help="why (kept in the op's history)")
+    p.add_argument(
+        "--wait", action="store_true", help="wait until the new attempt has ended; exit as it ended"
+    )
+    p.add_argument(
+        "--wait-timeout-s",
+        dest="wait_timeout_s",
+        type=float,
+        default=None,
+        help="with --wait (default: none)",
+    )
+    p.set_defaults(handler=cmd_ops_requeue)
+    p = ops.add_parser("retry-failed", help="requeue every failed, cancelled or timed-out op of a manifest")
+    p.add_argument("--manifest", required=True, help="the manifest file (TOML, [[jobs]])")
+    p.add_argument("--reason", default="", help="why (kept in each op's history)")
+    p.add_argument("--wait", action="store_true", help="follow every op to its end; exit 1 if any failed")
+    p.set_defaults(handler=retry_failed)
     p = ops.add_parser("artifacts", help="save an op's artifacts (sha256-verified) into a directory")
     p.add_argument("op_id")
     p.add_argument("-o", "--output", default=".", help="directory (default: the current one)")

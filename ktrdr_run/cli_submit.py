@@ -12,10 +12,9 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from dispatcher.config import Config
-from ktrdr_run.cli_ops import record_json
 from ktrdr_run.client import Client, Op, make_job
 from ktrdr_run.errors import InvalidJob
-from ktrdr_run.render import ProgressView, print_record
+from ktrdr_run.render import ProgressView, print_record, record_json
 from ktrdr_run.session import Session
 from runner.protocol import (
     CancelAckEvent,

@@ -380,6 +380,14 @@ class Client:
         """Publish a cancel request for ``op_id`` (what ``ktrdr-run ops cancel`` does)."""
         return await self.session.cancel(op_id, reason=reason)
 
+    async def requeue(self, op_id: str, reason: str = "") -> Op:
+        """Run an ended (failed, cancelled, timed-out) op again as the next attempt of the
+        same op (what ``ktrdr-run ops requeue`` does); the record keeps the ended run in
+        its ``history``. Raises :class:`RequeueRefused` saying why when it may not be, and
+        :class:`RequestUnanswered` when no dispatcher answers."""
+        await self.session.requeue(op_id, reason)
+        return self.op(op_id)
+
     async def dispatchers(self) -> list[Any]:
         """The dispatchers that answer a ping now."""
         return await self.session.dispatchers()

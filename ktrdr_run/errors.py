@@ -27,6 +27,8 @@ __all__ = [
     "NatsUnavailable",
     "NoDispatcher",
     "OpNotFound",
+    "RequestUnanswered",
+    "RequeueRefused",
     "WaitTimeout",
 ]
 
@@ -89,3 +91,31 @@ class NoDispatcher(ClientError):
             "`ktrdr-run dispatcher` (the job stays queued until one runs it), or use "
             "Client(local=True) to run ops in this process"
         )
+
+
+class RequeueRefused(ClientError):
+    """A dispatcher refused to requeue an op; ``error_type`` says why in one word
+    (OpCompleted, OpNotEnded, OpNotFound, NeverAdmitted, PartOfSweep, HasChildren,
+    Conflict, InvalidRequest)."""
+
+    def __init__(self, op_id: str, error_type: str, message: str) -> None:
+        self.op_id = op_id
+        self.error_type = error_type
+        super().__init__(message)
+
+
+class RequestUnanswered(ClientError):
+    """A request to the dispatchers got no answer: none runs, or none answered in time."""
+
+    def __init__(self, what: str, *, timed_out_s: float | None = None) -> None:
+        if timed_out_s is None:
+            detail = (
+                "no dispatcher is running to take it: start one with `ktrdr-run dispatcher` "
+                "and try again (nothing was changed)"
+            )
+        else:
+            detail = (
+                f"no dispatcher answered within {timed_out_s:g} s; it may still have been done: "
+                "check with `ktrdr-run ops show` before trying again"
+            )
+        super().__init__(f"{what}: {detail}")

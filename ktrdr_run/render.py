@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -209,6 +210,38 @@ def print_record(record: OpRecord, out: TextIO | None = None) -> None:
         console.print(Text("last log lines:", style="dim"))
         for line in record.log_tail[-10:]:
             console.print(f"  {line}", markup=False, highlight=False)
+    runs = run_lines(record)
+    if runs:
+        console.print(Text("runs:", style="dim"))
+        for line in runs:
+            console.print(f"  {line}", markup=False, highlight=False)
+
+
+def record_json(record: OpRecord) -> str:
+    """The op record as one JSON object."""
+    return msgspec.json.encode(record).decode()
+
+
+def run_lines(record: OpRecord) -> list[str]:
+    """One line per run of an op that an operator requeued (none when it ran once):
+    each ended run with its outcome and who requeued it, then the current one."""
+    if not record.history:
+        return []
+    lines = []
+    for ended in record.history:
+        outcome = ended.state
+        if ended.error is not None:
+            outcome += f" ({ended.error.reason}: {ended.error.message})"
+        elif ended.exit_code is not None:
+            outcome += f" (exit {ended.exit_code})"
+        where = f" on {ended.host}" if ended.host else ""
+        why = f": {ended.requeue_reason}" if ended.requeue_reason else ""
+        lines.append(f"attempt {ended.attempt}{where}: {outcome}; requeued by {ended.requeued_by}{why}")
+    where = f" on {record.host}" if record.host else ""
+    lines.append(
+        f"attempt {max(record.attempts, record.history[-1].attempt + 1)}{where}: {record.state} (latest)"
+    )
+    return lines
 
 
 def _print_record_plain(record: OpRecord, out: TextIO) -> None:
@@ -239,6 +272,11 @@ def _print_record_plain(record: OpRecord, out: TextIO) -> None:
     if record.state == "failed" and record.log_tail:
         print("  last log lines:", file=out)
         for line in record.log_tail[-10:]:
+            print(f"    {line}", file=out)
+    runs = run_lines(record)
+    if runs:
+        print("  runs:", file=out)
+        for line in runs:
             print(f"    {line}", file=out)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlparse
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.client import Credentials, RawCredentials
 from nats.js import api
@@ -36,6 +37,7 @@ from dispatcher.jetstream import JetStreamHandles, SetupMode, ensure_jetstream
 from dispatcher.natsjwt import CredentialError, decode_jwt, read_creds
 from dispatcher.opstore import OpStore
 from dispatcher.runner_access import RunnerAccess
+from ktrdr_run.errors import RequestUnanswered, RequeueRefused
 from runner.protocol import (
     DISPATCHER_PING_SUBJECT,
     EVENTS_STREAM,
@@ -45,6 +47,8 @@ from runner.protocol import (
     Event,
     Job,
     OpRecord,
+    RequeueReply,
+    RequeueRequest,
     StatusEvent,
     encode,
     event_decoder,
@@ -54,11 +58,14 @@ from runner.protocol import (
     op_events_filter,
     op_subject,
     redact_url,
+    requeue_subject,
 )
 
 log = logging.getLogger("ktrdr.session")
 
 CHANGED_ONLY_BY = "only `ktrdr-run dispatcher` or `ktrdr-run setup` changes it"
+#: How long a request to the dispatchers (a requeue) waits for an answer.
+REQUEST_TIMEOUT_S = 10.0
 
 
 def submitter() -> str:
@@ -343,10 +350,43 @@ class Session:
                     continue
                 yield event
                 if until_terminal and isinstance(event, StatusEvent) and event.state in TERMINAL_STATES:
-                    return
+                    # an earlier run's end (the op was requeued since) is not the end
+                    if not await self._status_after(op_id, msg.metadata.sequence.stream):
+                        return
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _status_after(self, op_id: str, seq: int) -> bool:
+        """Whether the op has a status event later than stream sequence ``seq``."""
+        assert self.handles is not None
+        try:
+            last = await self.handles.js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "status"))
+        except Exception:  # noqa: BLE001 - unreadable now: the event seen is the last one known
+            return False
+        return int(last.seq or 0) > seq
+
+    async def requeue(
+        self, op_id: str, reason: str = "", timeout_s: float = REQUEST_TIMEOUT_S
+    ) -> RequeueReply:
+        """Ask the dispatchers to run an ended op again as its next attempt. Raises
+        :class:`RequeueRefused` with their reason, :class:`RequestUnanswered` when none
+        answers."""
+        assert self.nc is not None
+        request = RequeueRequest(op_id=op_id, reason=reason, requested_by=submitter())
+        what = f"requeue of op {op_id}"
+        try:
+            msg = await self.nc.request(
+                requeue_subject(self.submitter_name), encode(request), timeout=timeout_s
+            )
+        except nats.errors.NoRespondersError:
+            raise RequestUnanswered(what) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise RequestUnanswered(what, timed_out_s=timeout_s) from None
+        reply = msgspec.json.decode(msg.data, type=RequeueReply)
+        if not reply.requeued:
+            raise RequeueRefused(op_id, reply.error_type, reply.error)
+        return reply
 
     async def record(self, op_id: str) -> OpRecord:
         """The op's record; OpNotFound if there is none."""

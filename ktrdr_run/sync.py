@@ -126,6 +126,10 @@ class SyncClient:
         """A handle on an existing op."""
         return SyncOp(self._client.op(op_id), self._runner)
 
+    def requeue(self, op_id: str, reason: str = "") -> SyncOp:
+        """Run an ended op again as its next attempt; see Client.requeue."""
+        return SyncOp(self._runner.run(self._client.requeue(op_id, reason)), self._runner)
+
     def ops(
         self, *, state: str | None = None, kind: str | None = None, limit: int | None = None
     ) -> list[OpRecord]:

@@ -48,6 +48,9 @@ OPS_SUBJECT_ROOT: Final = "ktrdr.ops"
 REJECTED_SUBJECT_ROOT: Final = "ktrdr.rejected"
 DEAD_LETTER_SUBJECT_ROOT: Final = "ktrdr.dead"
 DISPATCHER_PING_SUBJECT: Final = "ktrdr.dispatchers.ping"
+#: Operator requests to the dispatchers (request/reply, not stored): ``.<submitter>`` when
+#: a named credential sends one, as for jobs.
+REQUEUE_SUBJECT: Final = "ktrdr.ctl.requeue"
 
 EVENT_KINDS: Final = (
     "status",
@@ -259,6 +262,8 @@ OpState = Literal[
 ]
 TERMINAL_STATES: Final[frozenset[str]] = frozenset({"completed", "failed", "cancelled", "timed_out"})
 ACTIVE_STATES: Final[frozenset[str]] = frozenset({"placing", "starting", "running"})
+#: The ended states an operator may requeue an op from (``ktrdr-run ops requeue``).
+REQUEUABLE_STATES: Final[frozenset[str]] = frozenset({"failed", "cancelled", "timed_out"})
 ALL_STATES: Final[tuple[str, ...]] = typing.get_args(OpState)
 
 
@@ -281,6 +286,23 @@ class ErrorInfo(Struct, frozen=True):
     error_type: str = ""
     field: str = ""
     traceback: str = ""
+
+
+class EndedAttempt(Struct, frozen=True, kw_only=True):
+    """One earlier run of an op that an operator requeued: how it ended, and who asked
+    for the run that followed."""
+
+    attempt: int
+    state: str
+    host: str = ""
+    container_id: str = ""
+    exit_code: int | None = None
+    error: ErrorInfo | None = None
+    artifacts: dict[str, str] = {}
+    timestamps: dict[str, float] = {}
+    requeued_at: float = 0.0
+    requeued_by: str = ""
+    requeue_reason: str = ""
 
 
 class CancelIntent(Struct, frozen=True):
@@ -330,11 +352,20 @@ class OpRecord(Struct, kw_only=True):
     parent_id: str = ""
     #: The ops this one submitted (a sweep's chunks), in submission order.
     children: list[str] = []
+    #: Earlier runs of this op, oldest first, each ended and then requeued by an operator
+    #: (``ktrdr-run ops requeue``); the record itself is the latest run.
+    history: list[EndedAttempt] = []
 
     @property
     def terminal(self) -> bool:
         """Whether the op has reached its one terminal state."""
         return self.state in TERMINAL_STATES
+
+    @property
+    def attempts_before_requeue(self) -> int:
+        """The attempts spent before an operator last requeued the op (0 if never): the
+        infrastructure retry budget counts only the attempts after them."""
+        return self.history[-1].attempt if self.history else 0
 
 
 # --- events (ktrdr.ops.<op_id>.<event>) ------------------------------------------------
@@ -437,6 +468,35 @@ Event = (
     | CancelRequest
 )
 
+# --- operator requests (ktrdr.ctl.*, request/reply) ------------------------------------
+
+
+class RequeueRequest(Struct, frozen=True, forbid_unknown_fields=True):
+    """Run an ended (failed, cancelled, timed-out) op again as a new attempt of the same
+    op. ``requested_by`` counts only on the open subject: a named credential's subject
+    says who it is."""
+
+    op_id: str
+    reason: Annotated[str, Meta(max_length=1024)] = ""
+    requested_by: Annotated[str, Meta(max_length=256)] = ""
+
+
+class RequeueReply(Struct, frozen=True, omit_defaults=True):
+    """A dispatcher's answer to a :class:`RequeueRequest`: ``requeued`` with the op's
+    state after it, or ``error`` (a stable ``error_type`` and words for people)."""
+
+    op_id: str
+    requeued: bool
+    state: str = ""
+    error: str = ""
+    error_type: str = ""
+
+
+def requeue_subject(submitter: str = "") -> str:
+    """Where a requeue request goes (with ``submitter``: what a named credential may use)."""
+    return f"{REQUEUE_SUBJECT}.{submitter}" if submitter else REQUEUE_SUBJECT
+
+
 # --- what the dispatcher hands the container -------------------------------------------
 
 
@@ -536,6 +596,7 @@ def schema() -> dict[str, Any]:
             "job": f"{JOBS_SUBJECT_ROOT}.<kind>  (header Nats-Msg-Id: <job_id>)",
             "events": f"{OPS_SUBJECT_ROOT}.<op_id>.<event>  event in {list(EVENT_KINDS)}",
             "cancel": f"{OPS_SUBJECT_ROOT}.<op_id>.cancel",
+            "requeue": f"{REQUEUE_SUBJECT}[.<submitter>]  (request/reply: RequeueRequest -> RequeueReply)",
             "rejected": f"{REJECTED_SUBJECT_ROOT}.<kind>",
             "op_records": f"KV bucket {OPS_BUCKET}, key = op_id",
         },

@@ -157,6 +157,52 @@ async def test_a_submitter_submits_but_cannot_write_records_delete_streams_or_fo
     await dispatcher.nc.close()
 
 
+async def test_a_submitters_requeue_is_recorded_under_its_credentials_name(server: Server) -> None:
+    from dispatcher.opstore import OpStore
+    from dispatcher.requeue import Requeuer
+    from runner.protocol import REQUEUE_SUBJECT, ErrorInfo, OpRecord, requeue_subject
+
+    dispatcher = await prepared(server)
+    js = dispatcher.nc.jetstream()
+    store = OpStore(await js.key_value(OPS_BUCKET), js)
+    await store.create(
+        OpRecord(
+            op_id="j1",
+            kind="probe",
+            state="failed",
+            params_digest="sha256:x",
+            attempts=1,
+            error=ErrorInfo(reason="op_error", message="boom"),
+        )
+    )
+    published: list[OpRecord] = []
+
+    async def publish_job(record: OpRecord) -> None:  # stands in for the job message
+        published.append(record)
+
+    requeuer = Requeuer(dispatcher.nc, js, store, dispatcher_id="d1", publish_job=publish_job)
+    await requeuer.start()
+    submitter = await connect(server, server.creds("submitter", "ci-bot"))
+    # the name in the subject is the server-checked one; the message's claim does not count
+    request = b'{"op_id": "j1", "requested_by": "mallory", "reason": "retry"}'
+    reply = json.loads((await submitter.nc.request(requeue_subject("ci-bot"), request, timeout=10)).data)
+    assert reply == {"op_id": "j1", "requeued": True, "state": "queued"}
+    record = (await store.get("j1"))[0]
+    assert [(h.state, h.requeued_by, h.requeue_reason) for h in record.history] == [
+        ("failed", "ci-bot", "retry")
+    ]
+    assert [r.op_id for r in published] == ["j1"]
+    for other in (REQUEUE_SUBJECT, requeue_subject("alice")):
+        await submitter.nc.publish(other, request)
+        await submitter.violation(other)
+    observer = await connect(server, server.creds("observer", "dash"))
+    await observer.nc.publish(requeue_subject("dash"), request)
+    await observer.violation(requeue_subject("dash"))
+    await requeuer.stop()
+    for conn in (observer, submitter, dispatcher):
+        await conn.nc.close()
+
+
 async def test_a_runner_publishes_only_its_own_ops_events(server: Server) -> None:
     dispatcher = await prepared(server)
     creds = server.authority.mint_runner("op-a", valid_s=60)

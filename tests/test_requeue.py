@@ -1,0 +1,205 @@
+"""Operator requeue (issue 15): an ended op runs again as the next attempt of the same op,
+its earlier run kept in the record's history with who asked. Real dispatcher, real NATS
+and Docker; every command is a ``ktrdr-run`` process of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js import api
+
+from dispatcher.config import Config
+from ktrdr_run.manifest import load_manifest
+from ktrdr_run.session import submitter
+from runner.protocol import REQUEUE_SUBJECT
+from tests.conftest import RunningDispatcher, run_cli, write_config
+
+
+async def status_events(url: str, op_id: str) -> list[dict[str, Any]]:
+    """Every status event of the op, read from the event stream itself."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    info = await js.stream_info("KTRDR_EVENTS")
+    events: list[dict[str, Any]] = []
+    if info.state.messages:
+        sub = await js.subscribe(
+            f"ktrdr.ops.{op_id}.status", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
+        )
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                break
+            events.append(json.loads(msg.data))
+        await sub.unsubscribe()
+    await nc.close()
+    return events
+
+
+def cli(config_path: Path, *args: str, timeout_s: float = 120) -> Any:
+    return asyncio.to_thread(run_cli, list(args), config_path, timeout_s)
+
+
+async def test_requeue_of_a_failed_op_runs_attempt_2_of_the_same_op(
+    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+) -> None:
+    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
+    failed = await cli(config_path, "submit", "probe", "-p", "fail=true", "--job-id", "rq-failed", "--json")
+    assert failed.returncode == 1, failed.stderr
+    first = json.loads(failed.stdout)
+    assert (first["state"], first["attempts"]) == ("failed", 1)
+
+    again = await cli(
+        config_path, "ops", "requeue", "rq-failed", "--reason", "flaky disk", "--wait", "--json"
+    )
+    assert again.returncode == 1, again.stderr  # it fails again, as it must: same params
+    record = json.loads(again.stdout)
+    assert (record["op_id"], record["state"], record["attempts"]) == ("rq-failed", "failed", 2)
+    [ended] = record["history"]
+    assert (ended["attempt"], ended["state"], ended["error"]["reason"]) == (
+        1,
+        "failed",
+        first["error"]["reason"],
+    )
+    assert (ended["requeued_by"], ended["requeue_reason"]) == (submitter(), "flaky disk")
+    assert ended["container_id"] == first["container_id"] != record["container_id"]
+    assert ended["timestamps"] == first["timestamps"]
+
+    # the event stream agrees: two runs, each ending failed, the second after a requeue
+    events = await status_events(config.nats.url, "rq-failed")
+    terminal = [(e["state"], e["attempt"]) for e in events if e["state"] == "failed"]
+    assert terminal == [("failed", 1), ("failed", 2)]
+    assert any(e["state"] == "queued" and e["message"].startswith("requeued by ") for e in events)
+
+    shown = await cli(config_path, "ops", "show", "rq-failed")
+    assert shown.returncode == 0, shown.stderr
+    assert f"attempt 1 on {first['host']}: failed" in shown.stdout
+    assert f"requeued by {submitter()}: flaky disk" in shown.stdout
+    assert f"attempt 2 on {record['host']}: failed" in shown.stdout
+
+
+async def test_a_cancelled_op_requeued_runs_to_completion_and_its_old_cancel_stays_behind(
+    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+) -> None:
+    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
+    started = await cli(config_path, "submit", "probe", "-p", "hold_s=3", "--job-id", "rq-cancel", "--detach")
+    assert started.returncode == 0, started.stderr
+    cancelled = await cli(config_path, "ops", "cancel", "rq-cancel", "--reason", "wrong window", "--wait")
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
+
+    # the waiter follows the new run: the first run's terminal event is not the end
+    again = await cli(config_path, "ops", "requeue", "rq-cancel", "--wait", "--json")
+    assert again.returncode == 0, again.stderr
+    record = json.loads(again.stdout)
+    assert record["state"] == "completed" and record["cancel"] is None
+    assert [h["state"] for h in record["history"]] == ["cancelled"]
+    assert record["history"][0]["requeued_by"] == submitter()
+    assert record["result"] is not None
+
+    # a completed op is not run again: refused, naming why, nothing changed
+    refused = await cli(config_path, "ops", "requeue", "rq-cancel")
+    assert refused.returncode == 2
+    assert "op rq-cancel completed: a completed op is not run again" in refused.stderr
+    missing = await cli(config_path, "ops", "requeue", "no-such-op")
+    assert missing.returncode == 2 and "no op no-such-op" in missing.stderr
+
+
+async def test_two_operators_requeueing_one_op_at_once_start_exactly_one_more_attempt(
+    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+) -> None:
+    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
+    failed = await cli(config_path, "submit", "probe", "-p", "fail=true", "--job-id", "rq-race", "--json")
+    assert failed.returncode == 1, failed.stderr
+
+    both = await asyncio.gather(*(cli(config_path, "ops", "requeue", "rq-race") for _ in range(2)))
+    codes = sorted(p.returncode for p in both)
+    assert codes == [0, 2], [(p.returncode, p.stderr) for p in both]
+    loser = next(p for p in both if p.returncode == 2)
+    assert "op rq-race is " in loser.stderr or "changed while it was being requeued" in loser.stderr
+
+    waited = await cli(config_path, "ops", "cancel", "rq-race", "--wait", "--json")  # waits it out
+    assert waited.returncode == 0, waited.stderr
+    events = await status_events(config.nats.url, "rq-race")
+    assert [e["attempt"] for e in events if e["state"] == "running"] == [1, 2]
+    record = json.loads((await cli(config_path, "ops", "show", "rq-race", "--json")).stdout)
+    assert record["attempts"] == 2 and len(record["history"]) == 1
+
+
+async def test_a_running_op_and_a_bad_request_are_refused_and_the_service_goes_on(
+    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+) -> None:
+    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
+    started = await cli(config_path, "submit", "probe", "-p", "hold_s=30", "--job-id", "rq-live", "--detach")
+    assert started.returncode == 0, started.stderr
+    nc = await nats.connect(config.nats.url)
+    try:
+        for bad, said in [
+            (b"{not json", "requeue request is not valid JSON"),
+            (
+                b'{"op_id": "rq-live", "when": 1}',
+                "invalid requeue request: when: unknown field",
+            ),
+            (b'{"op_id": 7}', "invalid requeue request: op_id: "),
+            (b'{"op_id": "../x"}', "op_id: '../x' is not an op id"),
+        ]:
+            reply = json.loads((await nc.request(REQUEUE_SUBJECT, bad, timeout=10)).data)
+            assert reply["requeued"] is False and said in reply["error"], reply
+        live = await cli(config_path, "ops", "requeue", "rq-live")
+        assert live.returncode == 2
+        assert "only a failed, cancelled or timed-out op is requeued" in live.stderr
+        assert "cancel it first (`ktrdr-run ops cancel rq-live --wait`)" in live.stderr
+    finally:
+        await nc.close()
+    stopped = await cli(config_path, "ops", "cancel", "rq-live", "--wait")
+    assert stopped.returncode == 0, stopped.stderr
+
+
+async def test_requeue_with_no_dispatcher_says_so_at_once(config: Config, tmp_state: Path) -> None:
+    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
+    setup = await cli(config_path, "setup")
+    assert setup.returncode == 0, setup.stderr
+    done = await cli(config_path, "ops", "requeue", "some-op", timeout_s=30)
+    assert done.returncode == 3
+    assert "requeue of op some-op: no dispatcher is running to take it" in done.stderr
+    assert "nothing was changed" in done.stderr
+
+
+async def test_retry_failed_requeues_the_ended_ops_of_a_manifest_and_no_other(
+    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+) -> None:
+    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
+    manifest = tmp_state / "batch.toml"
+    manifest.write_text(
+        '[[jobs]]\nname = "ok"\nkind = "probe"\nparams = { hold_s = 0.1 }\n\n'
+        '[[jobs]]\nname = "bad"\nkind = "probe"\nparams = { fail = true }\n'
+    )
+    ids = {p.label: p.job.job_id for p in load_manifest(manifest)}
+    first = await cli(config_path, "submit", "--manifest", str(manifest), "--json", timeout_s=180)
+    assert first.returncode == 1, first.stderr
+    assert {o["entry"]: o["state"] for o in json.loads(first.stdout)["ops"]} == {
+        "ok": "completed",
+        "bad": "failed",
+    }
+
+    retried = await cli(
+        config_path,
+        "ops",
+        "retry-failed",
+        "--manifest",
+        str(manifest),
+        "--wait",
+        "--reason",
+        "nightly",
+        timeout_s=180,
+    )
+    assert retried.returncode == 1, retried.stderr  # "bad" fails again
+    assert "1 op(s) requeued, 0 refused, 1 left as they are" in retried.stderr
+    ok = json.loads((await cli(config_path, "ops", "show", ids["ok"], "--json")).stdout)
+    bad = json.loads((await cli(config_path, "ops", "show", ids["bad"], "--json")).stdout)
+    assert (ok["attempts"], ok["history"]) == (1, [])
+    assert (bad["state"], bad["attempts"]) == ("failed", 2)
+    assert [(h["state"], h["requeue_reason"]) for h in bad["history"]] == [("failed", "nightly")]
