@@ -2,7 +2,10 @@
 exists only in the tests: admitting it kills the dispatcher process on the spot (SIGKILL,
 as a segfault in a data reader would), every time it is handled.
 
-Run as ``python -m tests.crashing_dispatcher`` with KTRDR_RUN_CONFIG set.
+Run as ``python -m tests.crashing_dispatcher`` with KTRDR_RUN_CONFIG set. With the
+argument ``requeue`` it also dies (SIGKILL) the moment an operator's requeue has moved an
+op back to ``queued``, before the op's job message is published: the worst point for a
+requeuer to vanish.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from msgspec import Struct
 
+from dispatcher.opstore import OpStore
 from ktrdr_run.cli import main
 from runner.registry import operation
 from runner.sdk import OpContext
@@ -34,5 +38,20 @@ def crash_dispatcher(ctx: OpContext, params: CrashParams) -> dict[str, Any]:
     return {}
 
 
+def die_after_reopen() -> None:
+    """Make every successful operator requeue kill this process right after its write."""
+    reopen = OpStore.reopen
+
+    async def reopen_then_die(self: OpStore, *args: Any, **kwargs: Any) -> Any:
+        updated = await reopen(self, *args, **kwargs)
+        if updated is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return updated
+
+    OpStore.reopen = reopen_then_die  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["requeue"]:
+        die_after_reopen()
     sys.exit(main(["-v", "dispatcher"]))

@@ -10,34 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from nats.js import api
 
 from dispatcher.config import Config
 from ktrdr_run.manifest import load_manifest
 from ktrdr_run.session import submitter
 from runner.protocol import REQUEUE_SUBJECT
 from tests.conftest import RunningDispatcher, run_cli, write_config
+from tests.faults import DispatcherProcess, all_events, fault_config, python_argv, wait_states
 
 
 async def status_events(url: str, op_id: str) -> list[dict[str, Any]]:
     """Every status event of the op, read from the event stream itself."""
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    info = await js.stream_info("KTRDR_EVENTS")
-    events: list[dict[str, Any]] = []
-    if info.state.messages:
-        sub = await js.subscribe(
-            f"ktrdr.ops.{op_id}.status", ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL
-        )
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except nats.errors.TimeoutError:
-                break
-            events.append(json.loads(msg.data))
-        await sub.unsubscribe()
-    await nc.close()
-    return events
+    return [e for e in await all_events(url, op_id) if e["event"] == "status"]
 
 
 def cli(config_path: Path, *args: str, timeout_s: float = 120) -> Any:
@@ -203,3 +187,41 @@ async def test_retry_failed_requeues_the_ended_ops_of_a_manifest_and_no_other(
     assert (ok["attempts"], ok["history"]) == (1, [])
     assert (bad["state"], bad["attempts"]) == ("failed", 2)
     assert [(h["state"], h["requeue_reason"]) for h in bad["history"]] == [("failed", "nightly")]
+
+
+async def test_a_requeuer_killed_between_its_write_and_the_job_message_loses_nothing(
+    config: Config, tmp_state: Path, no_leftover_containers: None
+) -> None:
+    url = config.nats.url
+    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
+    dying = DispatcherProcess(
+        fault_config(config, "rq-dies"),
+        tmp_state,
+        "rq-dies",
+        argv=python_argv("tests.crashing_dispatcher", "requeue"),
+    )
+    heir = DispatcherProcess(fault_config(config, "rq-heir"), tmp_state, "rq-heir")
+    try:
+        dying.start()
+        failed = await cli(
+            config_path, "submit", "probe", "-p", "fail=true", "--job-id", "rq-crash", "--json"
+        )
+        assert failed.returncode == 1, failed.stderr + dying.log_tail()
+
+        # the requeue is written, then its dispatcher vanishes without a word: the asker
+        # is told it has no answer and what to check, within its deadline
+        asked = await cli(config_path, "ops", "requeue", "rq-crash", timeout_s=60)
+        assert asked.returncode == 3, asked.stderr
+        assert "no dispatcher answered within 10 s; it may still have been done" in asked.stderr
+        assert dying.process is not None and dying.process.wait(10) == -9
+        [record] = (await wait_states(url, ["rq-crash"], {"queued"}, 5)).values()
+        assert (record["attempts"], len(record["history"])) == (1, 1)
+
+        heir.start()  # takes the op over once the dead one's lease runs out, and runs it
+        [record] = (await wait_states(url, ["rq-crash"], {"failed"}, 120, why=heir.log_tail())).values()
+        assert (record["attempts"], record["dispatcher"]) == (2, heir.dispatcher_id)
+        events = await status_events(url, "rq-crash")
+        assert [e["attempt"] for e in events if e["state"] == "running"] == [1, 2]  # once each
+    finally:
+        dying.kill()
+        heir.stop()
