@@ -76,6 +76,17 @@ async def retrying(fn: Callable[[], Awaitable[T]], *, what: str, deadline_s: flo
             delay_s = min(delay_s * 2, 2.0)
 
 
+def _decoded(raw: Iterable[tuple[str, bytes | None]]) -> list[OpRecord]:
+    """The records of ``(where, bytes)`` pairs; an unreadable one is logged and skipped."""
+    records: list[OpRecord] = []
+    for where, data in raw:
+        try:
+            records.append(record_decoder.decode(data or b""))
+        except msgspec.DecodeError as exc:
+            log.warning("op record %s is unreadable (%s); skipped", where, exc)
+    return records
+
+
 @dataclass(frozen=True, slots=True)
 class Owner:
     """Who may write an op record: one dispatcher, for one attempt of the op."""
@@ -263,12 +274,7 @@ class OpStore:
         first = True
         try:
             async for entries in batches:
-                records: list[OpRecord] = []
-                for entry in entries:
-                    try:
-                        records.append(record_decoder.decode(entry.value))
-                    except msgspec.DecodeError as exc:
-                        log.warning("op record %s is unreadable (%s); skipped", entry.key, exc)
+                records = _decoded((entry.key, entry.value) for entry in entries)
                 if records or first:
                     yield records
                 first = False
@@ -282,13 +288,7 @@ class OpStore:
         Unreadable records are skipped."""
         async with contextlib.aclosing(scan_values(self.js, self.kv, batch)) as batches:
             async for msgs in batches:
-                records: list[OpRecord] = []
-                for msg in msgs:
-                    try:
-                        records.append(record_decoder.decode(msg.data))
-                    except msgspec.DecodeError as exc:
-                        log.warning("op record %s is unreadable (%s); skipped", msg.subject, exc)
-                yield records
+                yield _decoded((msg.subject, msg.data) for msg in msgs)
 
     async def list(self) -> list[OpRecord]:
         """Every op record in the bucket (one pass over the bucket's current values)."""

@@ -157,13 +157,13 @@ class WarmPool:
     def put_back(self, member: WarmContainer) -> None:
         """A taken container that was not used after all (its op went elsewhere): warm
         again, for the next op of its shape."""
-        for (host_name, key), slot in self._slots.items():
-            if key == member.shape and member.host == host_name:
-                self._names.add(member.name)
-                slot.ready.append(member)
-                self.wake()
-                return
-        self.discard(member)
+        slot = self._slots.get((member.host, member.shape))
+        if slot is None:
+            self.discard(member)
+            return
+        self._names.add(member.name)
+        slot.ready.append(member)
+        self.wake()
 
     def discard(self, member: WarmContainer) -> None:
         """Remove a taken container that will not run its op (in the background)."""
