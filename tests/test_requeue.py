@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import pytest
 
 from dispatcher.config import Config
 from ktrdr_run.manifest import load_manifest
@@ -24,14 +25,19 @@ async def status_events(url: str, op_id: str) -> list[dict[str, Any]]:
     return [e for e in await all_events(url, op_id) if e["event"] == "status"]
 
 
+@pytest.fixture
+def config_path(config: Config, tmp_state: Path) -> Path:
+    """The test's config as a file, for the ``ktrdr-run`` processes."""
+    return write_config(config, tmp_state / "ktrdr-run.toml")
+
+
 def cli(config_path: Path, *args: str, timeout_s: float = 120) -> Any:
     return asyncio.to_thread(run_cli, list(args), config_path, timeout_s)
 
 
 async def test_requeue_of_a_failed_op_runs_attempt_2_of_the_same_op(
-    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+    config: Config, dispatcher: RunningDispatcher, config_path: Path
 ) -> None:
-    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
     failed = await cli(config_path, "submit", "probe", "-p", "fail=true", "--job-id", "rq-failed", "--json")
     assert failed.returncode == 1, failed.stderr
     first = json.loads(failed.stdout)
@@ -67,9 +73,8 @@ async def test_requeue_of_a_failed_op_runs_attempt_2_of_the_same_op(
 
 
 async def test_a_cancelled_op_requeued_runs_to_completion_and_its_old_cancel_stays_behind(
-    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+    config: Config, dispatcher: RunningDispatcher, config_path: Path
 ) -> None:
-    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
     started = await cli(config_path, "submit", "probe", "-p", "hold_s=3", "--job-id", "rq-cancel", "--detach")
     assert started.returncode == 0, started.stderr
     cancelled = await cli(config_path, "ops", "cancel", "rq-cancel", "--reason", "wrong window", "--wait")
@@ -93,9 +98,8 @@ async def test_a_cancelled_op_requeued_runs_to_completion_and_its_old_cancel_sta
 
 
 async def test_two_operators_requeueing_one_op_at_once_start_exactly_one_more_attempt(
-    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+    config: Config, dispatcher: RunningDispatcher, config_path: Path
 ) -> None:
-    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
     failed = await cli(config_path, "submit", "probe", "-p", "fail=true", "--job-id", "rq-race", "--json")
     assert failed.returncode == 1, failed.stderr
 
@@ -114,9 +118,8 @@ async def test_two_operators_requeueing_one_op_at_once_start_exactly_one_more_at
 
 
 async def test_a_running_op_and_a_bad_request_are_refused_and_the_service_goes_on(
-    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+    config: Config, dispatcher: RunningDispatcher, config_path: Path
 ) -> None:
-    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
     started = await cli(config_path, "submit", "probe", "-p", "hold_s=30", "--job-id", "rq-live", "--detach")
     assert started.returncode == 0, started.stderr
     nc = await nats.connect(config.nats.url)
@@ -142,8 +145,7 @@ async def test_a_running_op_and_a_bad_request_are_refused_and_the_service_goes_o
     assert stopped.returncode == 0, stopped.stderr
 
 
-async def test_requeue_with_no_dispatcher_says_so_at_once(config: Config, tmp_state: Path) -> None:
-    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
+async def test_requeue_with_no_dispatcher_says_so_at_once(config_path: Path) -> None:
     setup = await cli(config_path, "setup")
     assert setup.returncode == 0, setup.stderr
     done = await cli(config_path, "ops", "requeue", "some-op", timeout_s=30)
@@ -153,10 +155,9 @@ async def test_requeue_with_no_dispatcher_says_so_at_once(config: Config, tmp_st
 
 
 async def test_retry_failed_requeues_the_ended_ops_of_a_manifest_and_no_other(
-    config: Config, dispatcher: RunningDispatcher, tmp_state: Path
+    config: Config, dispatcher: RunningDispatcher, config_path: Path
 ) -> None:
-    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
-    manifest = tmp_state / "batch.toml"
+    manifest = config_path.parent / "batch.toml"
     manifest.write_text(
         '[[jobs]]\nname = "ok"\nkind = "probe"\nparams = { hold_s = 0.1 }\n\n'
         '[[jobs]]\nname = "bad"\nkind = "probe"\nparams = { fail = true }\n'
@@ -190,10 +191,9 @@ async def test_retry_failed_requeues_the_ended_ops_of_a_manifest_and_no_other(
 
 
 async def test_a_requeuer_killed_between_its_write_and_the_job_message_loses_nothing(
-    config: Config, tmp_state: Path, no_leftover_containers: None
+    config: Config, tmp_state: Path, config_path: Path, no_leftover_containers: None
 ) -> None:
     url = config.nats.url
-    config_path = write_config(config, tmp_state / "ktrdr-run.toml")
     dying = DispatcherProcess(
         fault_config(config, "rq-dies"),
         tmp_state,
