@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import pytest
 from nats.js.errors import NotFoundError
 from textual.pilot import Pilot
@@ -545,6 +546,35 @@ async def test_every_key_in_a_small_terminal() -> None:
         assert table.sort_by == "submitted" and table.reverse
         await pilot.press("q")
     assert app.return_code == 0
+
+
+async def test_the_detail_lists_the_runs_before_an_operator_requeued_the_op() -> None:
+    from runner.protocol import EndedAttempt, ErrorInfo
+
+    earlier = EndedAttempt(
+        attempt=1,
+        state="failed",
+        host="gpu-a100-2",
+        error=ErrorInfo(reason="oom_killed", message="out of memory"),
+        requeued_by="alice@lab",
+        requeue_reason="more memory",
+    )
+    records = [
+        msgspec.structs.replace(r, history=[earlier], attempts=2) if r.op_id == "train-lstm-07" else r
+        for r in RECORDS
+    ]
+    source = FixedSource(records, HOSTS, {"train-lstm-07": failed_training_events()})
+    app = DashboardApp(source, clock=lambda: NOW, server="nats://127.0.0.1:4222")
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await select(pilot, app.ops_table, "train-lstm-07")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, OpDetailScreen), 5, "the detail")
+        summary = str(app.screen.query_one("#detail-summary", Static).render())
+    assert (
+        "attempt 1 on gpu-a100-2: failed (oom_killed: out of memory); requeued by alice@lab: more memory"
+        in summary
+    ), summary
 
 
 async def test_cancel_needs_confirmation_and_skips_finished_ops() -> None:

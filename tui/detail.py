@@ -18,6 +18,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, ProgressBar, RichLog, Static
 
 from ktrdr_run.charts import sparkline
+from ktrdr_run.render import run_lines
 from runner.protocol import (
     CancelAckEvent,
     CancelRequest,
@@ -206,6 +207,8 @@ class OpDetailScreen(Screen[None]):
             how = "forced" if cancel.forced else ("acknowledged" if cancel.acked else "requested")
             text.append(f"\ncancel {how} by {cancel.requested_by or '?'}", style="magenta")
             text.append(f": {cancel.reason}" if cancel.reason else "", style="magenta")
+        for line in run_lines(record)[:-1]:  # earlier runs, before an operator requeued it
+            text.append(f"\n{line}", style="dim")
         self.query_one("#detail-summary", Static).update(text)
 
     def _metrics(self) -> None:
