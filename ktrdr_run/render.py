@@ -236,7 +236,8 @@ def run_lines(record: OpRecord) -> list[str]:
             outcome += f" (exit {ended.exit_code})"
         where = f" on {ended.host}" if ended.host else ""
         why = f": {ended.requeue_reason}" if ended.requeue_reason else ""
-        lines.append(f"attempt {ended.attempt}{where}: {outcome}; requeued by {ended.requeued_by}{why}")
+        run = f"attempt {ended.attempt}" if ended.attempt else "before its first attempt"
+        lines.append(f"{run}{where}: {outcome}; requeued by {ended.requeued_by}{why}")
     where = f" on {record.host}" if record.host else ""
     lines.append(
         f"attempt {max(record.attempts, record.history[-1].attempt + 1)}{where}: {record.state} (latest)"
