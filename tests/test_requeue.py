@@ -225,3 +225,24 @@ async def test_a_requeuer_killed_between_its_write_and_the_job_message_loses_not
     finally:
         dying.kill()
         heir.stop()
+
+
+def test_the_runs_of_a_requeued_op_read_in_order() -> None:
+    from ktrdr_run.render import run_lines
+    from runner.protocol import EndedAttempt, ErrorInfo, OpRecord
+
+    never = EndedAttempt(attempt=0, state="cancelled", requeued_by="bob")
+    failed = EndedAttempt(
+        attempt=1,
+        state="failed",
+        host="h1",
+        error=ErrorInfo(reason="op_error", message="boom"),
+        requeued_by="al",
+    )
+    record = OpRecord(op_id="x", kind="probe", state="queued", attempts=1, history=[never, failed])
+    assert run_lines(record) == [
+        "before its first attempt: cancelled; requeued by bob",
+        "attempt 1 on h1: failed (op_error: boom); requeued by al",
+        "attempt 2: queued (latest)",
+    ]
+    assert run_lines(OpRecord(op_id="y", kind="probe")) == []  # never requeued: nothing to list
