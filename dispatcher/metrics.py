@@ -78,6 +78,12 @@ class Metrics:
             ["kind", "state", "reason"],
             registry=self.registry,
         )
+        self.requeued = Counter(
+            "ktrdr_ops_requeued",
+            "Ended ops an operator requeued (ktrdr-run ops requeue), by the state they left",
+            ["kind", "from_state"],
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
             "ktrdr_op_queue_wait_seconds",
             "From queued to placed",
@@ -128,6 +134,8 @@ class Metrics:
         kind, stamps = after.kind, after.timestamps
         if before is None and after.state == "queued":
             self.submitted.labels(kind).inc()
+        elif before is not None and before.terminal and after.state == "queued":
+            self.requeued.labels(kind, before.state).inc()
         elif after.state == "placing" and "queued" in stamps:
             self.queue_wait.labels(kind).observe(max(0.0, stamps["placing"] - stamps["queued"]))
         elif after.state == "starting" and "placing" in stamps:

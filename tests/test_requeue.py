@@ -65,6 +65,9 @@ async def test_requeue_of_a_failed_op_runs_attempt_2_of_the_same_op(
     assert terminal == [("failed", 1), ("failed", 2)]
     assert any(e["state"] == "queued" and e["message"].startswith("requeued by ") for e in events)
 
+    counted = dispatcher.dispatcher.metrics.registry.get_sample_value
+    assert counted("ktrdr_ops_requeued_total", {"kind": "probe", "from_state": "failed"}) == 1.0
+
     shown = await cli(config_path, "ops", "show", "rq-failed")
     assert shown.returncode == 0, shown.stderr
     assert f"attempt 1 on {first['host']}: failed" in shown.stdout
@@ -246,3 +249,16 @@ def test_the_runs_of_a_requeued_op_read_in_order() -> None:
         "attempt 2: queued (latest)",
     ]
     assert run_lines(OpRecord(op_id="y", kind="probe")) == []  # never requeued: nothing to list
+
+
+def test_a_requeue_is_counted_by_the_state_it_left() -> None:
+    from dispatcher.metrics import Metrics
+    from runner.protocol import OpRecord
+
+    metrics = Metrics()
+    ended = OpRecord(op_id="x", kind="probe", state="timed_out", attempts=1)
+    metrics.observe(ended, OpRecord(op_id="x", kind="probe", state="queued", attempts=1))
+    metrics.observe(None, OpRecord(op_id="y", kind="probe"))  # a new op is submitted, not requeued
+    sample = metrics.registry.get_sample_value
+    assert sample("ktrdr_ops_requeued_total", {"kind": "probe", "from_state": "timed_out"}) == 1.0
+    assert sample("ktrdr_ops_submitted_total", {"kind": "probe"}) == 1.0
