@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.client import Credentials
 
 from dispatcher.errors import NatsRefused, NatsUnavailable
-from runner.protocol import redact_url
+from runner.transport import redact_url
 
 log = logging.getLogger("ktrdr.jetstream")
 

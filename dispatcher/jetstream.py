@@ -41,8 +41,8 @@ from runner.protocol import (
     OPS_SUBJECT_ROOT,
     REJECTED_SUBJECT_ROOT,
     RESERVATIONS_BUCKET,
-    redact_url,
 )
+from runner.transport import redact_url
 
 log = logging.getLogger("ktrdr.jetstream")
 

@@ -29,8 +29,8 @@ from runner.protocol import (
     ProgressSnapshot,
     ResultEvent,
     now,
-    redact_url,
 )
+from runner.transport import redact_url
 
 
 @dataclass

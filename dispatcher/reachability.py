@@ -16,7 +16,8 @@ from urllib.parse import urlparse
 from dispatcher.engine import DockerEngine, hardened_host_config
 from dispatcher.errors import InfrastructureError
 from dispatcher.fleet import Fleet
-from runner.protocol import LABEL_CLUSTER, LABEL_OP_ID, Resources, redact_url
+from runner.protocol import LABEL_CLUSTER, LABEL_OP_ID, Resources
+from runner.transport import redact_url
 
 log = logging.getLogger("ktrdr.reachability")
 

@@ -67,8 +67,8 @@ from runner.protocol import (
     now,
     op_events_filter,
     op_subject,
-    redact_url,
 )
+from runner.transport import redact_url
 
 log = logging.getLogger("ktrdr.supervisor")
 

@@ -57,9 +57,9 @@ from runner.protocol import (
     now,
     op_events_filter,
     op_subject,
-    redact_url,
     requeue_subject,
 )
+from runner.transport import redact_url
 
 log = logging.getLogger("ktrdr.session")
 

@@ -112,21 +112,6 @@ def parse_job_subject(subject: str) -> tuple[str, str]:
     return kind, submitter
 
 
-def redact_url(url: str) -> str:
-    """``url`` (or a comma-separated list of them) with any password replaced by ``***``:
-    what logs and messages may show of a connection URL."""
-
-    def one(part: str) -> str:
-        scheme, sep, rest = part.partition("://")
-        if not sep or "@" not in rest.split("/", 1)[0]:
-            return part
-        userinfo, _, host = rest.partition("@")
-        user, colon, _password = userinfo.partition(":")
-        return f"{scheme}://{user}{':***' if colon else ''}@{host}" if colon else f"{scheme}://***@{host}"
-
-    return ",".join(one(part) for part in url.split(","))
-
-
 def op_subject(op_id: str, event: str) -> str:
     """The subject of one event kind of one op."""
     return f"{OPS_SUBJECT_ROOT}.{op_id}.{event}"

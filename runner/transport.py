@@ -48,7 +48,6 @@ from runner.protocol import (
     event_decoder,
     now,
     op_subject,
-    redact_url,
     runner_inbox,
 )
 from runner.sdk import CancelToken, OpContext
@@ -62,6 +61,21 @@ EXIT_BAD_SPEC = 2
 EXIT_CANCELLED = 130
 TRACEBACK_TAIL_CHARS = 4000
 DATA_DIR = Path("/data")  # where the dispatcher mounts the data directory, read-only
+
+
+def redact_url(url: str) -> str:
+    """``url`` (or a comma-separated list of them) with any password replaced by ``***``:
+    what logs and messages may show of a connection URL."""
+
+    def one(part: str) -> str:
+        scheme, sep, rest = part.partition("://")
+        if not sep or "@" not in rest.split("/", 1)[0]:
+            return part
+        userinfo, _, host = rest.partition("@")
+        user, colon, _password = userinfo.partition(":")
+        return f"{scheme}://{user}{':***' if colon else ''}@{host}" if colon else f"{scheme}://***@{host}"
+
+    return ",".join(one(part) for part in url.split(","))
 
 
 class NatsSink:

@@ -20,9 +20,9 @@ from runner.protocol import (
     event_decoder,
     job_decoder,
     params_digest,
-    redact_url,
     schema,
 )
+from runner.transport import redact_url
 
 
 def test_job_round_trip_and_strictness() -> None:
