@@ -37,7 +37,7 @@ from dispatcher.jetstream import JetStreamHandles, SetupMode, ensure_jetstream
 from dispatcher.natsjwt import CredentialError, decode_jwt, read_creds
 from dispatcher.opstore import OpStore
 from dispatcher.runner_access import RunnerAccess
-from ktrdr_run.errors import RequestUnanswered, RequeueRefused
+from ktrdr_run.errors import ClientError, RequestUnanswered, RequeueRefused
 from runner.protocol import (
     DISPATCHER_PING_SUBJECT,
     EVENTS_STREAM,
@@ -383,7 +383,10 @@ class Session:
             raise RequestUnanswered(what) from None
         except (TimeoutError, nats.errors.TimeoutError):
             raise RequestUnanswered(what, timed_out_s=timeout_s) from None
-        reply = msgspec.json.decode(msg.data, type=RequeueReply)
+        try:
+            reply = msgspec.json.decode(msg.data, type=RequeueReply)
+        except msgspec.DecodeError as exc:  # a dispatcher of another version, or not one at all
+            raise ClientError(f"{what}: the dispatcher's answer is unreadable ({exc})") from None
         if not reply.requeued:
             raise RequeueRefused(op_id, reply.error_type, reply.error)
         return reply

@@ -148,13 +148,32 @@ async def test_a_running_op_and_a_bad_request_are_refused_and_the_service_goes_o
     assert stopped.returncode == 0, stopped.stderr
 
 
-async def test_requeue_with_no_dispatcher_says_so_at_once(config_path: Path) -> None:
+async def test_requeue_with_no_dispatcher_or_a_garbled_answer_says_so_at_once(
+    config: Config, config_path: Path
+) -> None:
     setup = await cli(config_path, "setup")
     assert setup.returncode == 0, setup.stderr
     done = await cli(config_path, "ops", "requeue", "some-op", timeout_s=30)
     assert done.returncode == 3
     assert "requeue of op some-op: no dispatcher is running to take it" in done.stderr
     assert "nothing was changed" in done.stderr
+
+    # something answers, but not in the contract's words (it stands for a dispatcher of
+    # another version): a clear error, not a traceback
+    nc = await nats.connect(config.nats.url)
+    try:
+
+        async def garble(msg: Any) -> None:
+            await msg.respond(b"<html>nonsense</html>")
+
+        await nc.subscribe(REQUEUE_SUBJECT, cb=garble)
+        await nc.flush()
+        garbled = await cli(config_path, "ops", "requeue", "some-op", timeout_s=30)
+    finally:
+        await nc.close()
+    assert garbled.returncode == 3, garbled.stderr
+    assert "requeue of op some-op: the dispatcher's answer is unreadable" in garbled.stderr
+    assert "Traceback" not in garbled.stderr
 
 
 async def test_retry_failed_requeues_the_ended_ops_of_a_manifest_and_no_other(
