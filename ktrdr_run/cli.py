@@ -63,6 +63,7 @@ async def cmd_submit(args: argparse.Namespace, config: Config) -> int:
 
 
 async def cmd_dispatcher(args: argparse.Namespace, config: Config) -> int:
+    from dispatcher import diagnostics
     from dispatcher.fleet import build_fleet
     from dispatcher.images import ensure_runner_image
     from dispatcher.service import Dispatcher
@@ -91,6 +92,7 @@ async def cmd_dispatcher(args: argparse.Namespace, config: Config) -> int:
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, dispatcher.stop)
+            diagnostics.install(loop)
             await dispatcher.run(burst=args.burst)
         finally:
             fleet.close()

@@ -107,6 +107,11 @@ class DispatcherProcess:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
+                # stuck: its tasks and threads go to its log (dispatcher/diagnostics.py) first
+                for signum in (signal.SIGUSR1, signal.SIGUSR2):
+                    with contextlib.suppress(ProcessLookupError):
+                        self.process.send_signal(signum)
+                    time.sleep(1.0)
                 self.process.kill()
                 self.process.wait(10)
         return int(self.process.returncode or 0)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,9 +246,19 @@ async def test_a_requeuer_killed_between_its_write_and_the_job_message_loses_not
         assert (record["attempts"], record["dispatcher"]) == (2, heir.dispatcher_id)
         events = await status_events(url, "rq-crash")
         assert [e["attempt"] for e in events if e["state"] == "running"] == [1, 2]  # once each
+
+        # asked what it is doing (dispatcher/diagnostics.py), it says, and goes on
+        for signum, said in ((signal.SIGUSR1, "asyncio tasks:"), (signal.SIGUSR2, "most recent call first")):
+            heir.signal(signum)
+            deadline = time.monotonic() + 10
+            while said not in heir.log_path.read_text(errors="replace"):
+                assert time.monotonic() < deadline, heir.log_tail()
+                await asyncio.sleep(0.1)
+        assert heir.alive()
     finally:
         dying.kill()
-        heir.stop()
+        code = heir.stop()
+    assert code == 0, heir.log_tail()
 
 
 def test_the_runs_of_a_requeued_op_read_in_order() -> None:
