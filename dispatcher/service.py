@@ -38,6 +38,7 @@ from nats.js.errors import NotFoundError as ObjectNotFoundError
 
 from dispatcher import reachability
 from dispatcher.admission import Rejected, default_data_dir, resolve_resources, validate_job
+from dispatcher.aiotasks import cancel_and_wait
 from dispatcher.config import Config
 from dispatcher.errors import OwnershipLost
 from dispatcher.fleet import Fleet
@@ -191,7 +192,7 @@ class Dispatcher:
         if self.pool is not None:
             self.pool.deployment = self.supervisor.deployment
         await self.lease.renew()
-        background = [asyncio.create_task(self.lease.run(self._verify_ownership))]
+        background = [asyncio.create_task(self.lease.run(self._verify_ownership), name="lease")]
         await self.uploads.start()
         if self.requeuer is not None:
             await self.requeuer.start()
@@ -201,7 +202,7 @@ class Dispatcher:
             await self.nc.subscribe(f"{OPS_SUBJECT_ROOT}.*.cancel", cb=self._on_cancel),
         ]
         await self.fleet.refresh()
-        background.append(asyncio.create_task(watch_hosts(self)))
+        background.append(asyncio.create_task(watch_hosts(self), name="watch-hosts"))
         if self.check_reachability:
             image_on = None if self.own_only else self.images.on  # one-shot: the quick check
             deployment, me = self.supervisor.deployment, self.dispatcher_id
@@ -214,7 +215,7 @@ class Dispatcher:
                     await reconcile(self)
                 except Exception:  # serve the queue even if reconciliation broke
                     log.exception("dispatcher %s: reconciliation failed; continuing", self.dispatcher_id)
-                background.append(asyncio.create_task(sweep(self)))
+                background.append(asyncio.create_task(sweep(self), name="sweep"))
                 if self.pool is not None:
                     background.append(asyncio.create_task(self.pool.run()))
                 psub = await self.js.pull_subscribe_bind(durable=DISPATCHER_CONSUMER, stream=JOBS_STREAM)
@@ -244,9 +245,7 @@ class Dispatcher:
             await self.uploads.stop()
             if stop_metrics is not None:
                 stop_metrics()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await cancel_and_wait(background)
             await self.lease.release()
 
     async def _serve_queue(self, psub: Any, *, burst: bool, idle_s: float) -> None:
