@@ -92,14 +92,19 @@ def rejected_earlier(record: OpRecord) -> bool:
     )
 
 
+async def last_event_seq(js: JetStreamContext, op_id: str, event: str) -> int:
+    """The event-stream sequence of the op's last ``event`` (0: none)."""
+    try:
+        raw = await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, event))
+    except Exception:  # noqa: BLE001 - nothing was ever published there
+        return 0
+    return int(raw.seq or 0)
+
+
 async def earlier_op_floor(js: JetStreamContext, op_id: str) -> int:
     """The event-stream sequence of the last status event of an earlier op with this id
     (its record expired): cancels up to it were meant for that op."""
-    try:
-        raw = await js.get_last_msg(EVENTS_STREAM, op_subject(op_id, "status"))
-    except Exception:  # noqa: BLE001 - no earlier op used this id
-        return 0
-    return int(raw.seq or 0)
+    return await last_event_seq(js, op_id, "status")
 
 
 async def stored_cancel(js: JetStreamContext, record: OpRecord) -> CancelRequest | None:

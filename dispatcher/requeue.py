@@ -29,11 +29,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from dispatcher.intake import rejected_earlier
+from dispatcher.intake import last_event_seq, rejected_earlier
 from dispatcher.opstore import OpStore
 from runner.errors import describe_validation_error
 from runner.protocol import (
-    EVENTS_STREAM,
     REQUEUABLE_STATES,
     REQUEUE_SUBJECT,
     SUBMITTER_PATTERN,
@@ -44,7 +43,6 @@ from runner.protocol import (
     encode,
     is_valid_id,
     now,
-    op_subject,
 )
 
 log = logging.getLogger("ktrdr.dispatcher")
@@ -224,8 +222,8 @@ class Requeuer:
         if refused is not None:
             return _refused(request.op_id, refused.error_type, str(refused))
         floor = max(
-            await self._last_seq(op_subject(record.op_id, "status")),
-            await self._last_seq(op_subject(record.op_id, "cancel")),
+            await last_event_seq(self._js, record.op_id, "status"),
+            await last_event_seq(self._js, record.op_id, "cancel"),
         )
 
         def mutate(current: OpRecord) -> OpRecord | None:
@@ -253,13 +251,6 @@ class Requeuer:
             "op %s: requeued by %s after attempt %d ended %s", record.op_id, by, record.attempts, record.state
         )
         return RequeueReply(op_id=record.op_id, requeued=True, state=updated.state)
-
-    async def _last_seq(self, subject: str) -> int:
-        try:
-            raw = await self._js.get_last_msg(EVENTS_STREAM, subject)
-        except Exception:  # noqa: BLE001 - nothing was ever published there
-            return 0
-        return int(raw.seq or 0)
 
 
 def _refused(op_id: str, error_type: str, message: str) -> RequeueReply:
