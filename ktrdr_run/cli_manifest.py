@@ -141,7 +141,11 @@ async def retry_failed(args: argparse.Namespace, config: Config) -> int:
     refused: list[str] = []
     async with Client.over(Session(config, need_dispatcher=False, setup="bind")) as client:
         records = await _records(client, planned)
-        ended = [item for item in planned if records.get(item.job.job_id, _UNSEEN).state in REQUEUABLE_STATES]
+        ended = [
+            item
+            for item in planned
+            if (record := records.get(item.job.job_id)) is not None and record.state in REQUEUABLE_STATES
+        ]
         for item in ended:
             try:
                 await client.requeue(item.job.job_id, args.reason or "")
@@ -162,9 +166,6 @@ async def retry_failed(args: argparse.Namespace, config: Config) -> int:
             records = await _records(client, planned)
     code = _report(args, planned, records)
     return EXIT_FAILED if refused else code
-
-
-_UNSEEN = OpRecord(op_id="", kind="", state="queued")
 
 
 def add_manifest_parser(sub: Any) -> None:
